@@ -1,0 +1,36 @@
+"""flask-txn: correct-by-default database transactions for Flask."""
+
+from ._atomic import Atomic, atomic, on_commit
+from ._errors import (
+    AmbiguousCommitError,
+    ConfigError,
+    FlaskTxnError,
+    NestingError,
+    PendingWritesError,
+    TransactionAbortedError,
+    UsageError,
+)
+from ._extension import FlaskTxn
+from ._retry import is_retryable, sqlstate_of
+from ._signals import transaction_committed, transaction_retrying, transaction_rolled_back
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AmbiguousCommitError",
+    "Atomic",
+    "ConfigError",
+    "FlaskTxn",
+    "FlaskTxnError",
+    "NestingError",
+    "PendingWritesError",
+    "TransactionAbortedError",
+    "UsageError",
+    "atomic",
+    "is_retryable",
+    "on_commit",
+    "sqlstate_of",
+    "transaction_committed",
+    "transaction_retrying",
+    "transaction_rolled_back",
+]

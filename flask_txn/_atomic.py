@@ -1,0 +1,827 @@
+"""``atomic``: one transaction per call or block, savepoints when nested, retries when outermost.
+
+The state of an open outermost block lives in ``session.info`` (so nesting is
+found from the session, whichever ``Atomic`` object is used) and, for the
+engine's ``handle_error`` event, in a context variable.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import inspect
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
+
+from flask import current_app, has_app_context, has_request_context, request
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import Engine, ExceptionContext
+from sqlalchemy.orm import Session
+from werkzeug.wrappers import Response
+
+from . import _signals
+from ._config import (
+    RetryPolicy,
+    Settings,
+    StatusVeto,
+    check_isolation,
+    check_retries,
+    check_seconds,
+    check_wait_order,
+)
+from ._errors import (
+    AmbiguousCommitError,
+    ConfigError,
+    NestingError,
+    PendingWritesError,
+    TransactionAbortedError,
+    UsageError,
+)
+from ._retry import AMBIGUOUS_SQLSTATE, backoff, is_disconnect, is_retryable, sqlstate_of
+from ._session import current_app_object, has_pending_writes
+
+if TYPE_CHECKING:
+    from ._extension import FlaskTxn, _State
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+log = logging.getLogger("flask_txn")
+
+_TXN = "flask_txn.transaction"
+_UNSET: Any = object()
+#: libpq's PQTRANS_INERROR, reported by psycopg2 and psycopg 3 alike.
+_TRANSACTION_IN_ERROR = 3
+_POSTGRESQL_ONLY = ("readonly", "deferrable", "statement_timeout", "lock_timeout")
+_SQLITE_LEVELS = ("SERIALIZABLE", "READ UNCOMMITTED")
+
+RetryOn = Callable[[BaseException], bool] | type[BaseException] | tuple[type[BaseException], ...]
+
+_current: contextvars.ContextVar[_Transaction | None] = contextvars.ContextVar(
+    "flask_txn_transaction", default=None
+)
+
+
+class _Transaction:
+    """One attempt of an outermost block: its savepoints, callbacks and recorded errors."""
+
+    __slots__ = (
+        "attempt",
+        "callbacks",
+        "doomed",
+        "engine",
+        "frames",
+        "isolation",
+        "last_error",
+        "options",
+        "savepoint_ids",
+        "session",
+        "started",
+    )
+
+    def __init__(
+        self, session: Session, engine: Engine, options: _Options, attempt: int, started: float
+    ) -> None:
+        self.session = session
+        self.engine = engine
+        self.options = options
+        self.isolation = options.isolation
+        self.attempt = attempt
+        self.started = started
+        #: (savepoint ids active at registration, callback, robust)
+        self.callbacks: list[tuple[tuple[int, ...], Callable[[], object], bool]] = []
+        #: open ``with`` blocks, innermost last: a savepoint, or for an outermost
+        #: block the context-variable token to restore when it ends.
+        self.frames: list[Any] = []
+        self.savepoint_ids: list[int] = []
+        #: the first retriable error seen, even if user code caught it.
+        self.doomed: BaseException | None = None
+        self.last_error: BaseException | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Options:
+    """An outermost block's options after config defaults were applied."""
+
+    isolation: str | None
+    readonly: bool
+    deferrable: bool
+    statement_timeout: float | None
+    lock_timeout: float | None
+    policy: RetryPolicy
+    veto: StatusVeto
+
+
+_savepoint_ids = itertools.count(1)
+
+
+def record_error(context: ExceptionContext) -> None:
+    """``handle_error`` listener: remember database errors of the open attempt.
+
+    User code may catch a serialization failure and carry on; PostgreSQL would
+    then turn COMMIT into a silent ROLLBACK. Recording here lets the block see it.
+    """
+    txn = _current.get()
+    if txn is None or context.engine is not txn.engine or context.is_pre_ping:
+        return
+    error = context.sqlalchemy_exception or context.original_exception
+    txn.last_error = error
+    if txn.doomed is None and (context.is_disconnect or is_retryable(error)):
+        txn.doomed = error
+
+
+class Atomic:
+    """A transaction boundary usable as a decorator and as a ``with`` block.
+
+    Create it with :func:`atomic` or :meth:`FlaskTxn.atomic`. The object keeps
+    no per-call state: it may be reused, nested and shared between threads.
+    """
+
+    __slots__ = (
+        "_explicit",
+        "_extension",
+        "deadline",
+        "deferrable",
+        "durable",
+        "isolation",
+        "lock_timeout",
+        "readonly",
+        "retries",
+        "retry_on",
+        "statement_timeout",
+        "wait_initial",
+        "wait_max",
+    )
+
+    def __init__(
+        self,
+        *,
+        isolation: str | None = _UNSET,
+        retries: int = _UNSET,
+        wait_initial: float = _UNSET,
+        wait_max: float = _UNSET,
+        deadline: float | None = _UNSET,
+        retry_on: RetryOn | None = None,
+        readonly: bool = _UNSET,
+        deferrable: bool = _UNSET,
+        statement_timeout: float | None = None,
+        lock_timeout: float | None = None,
+        durable: bool = False,
+        _extension: FlaskTxn | None = None,
+    ) -> None:
+        given = {
+            "isolation": isolation,
+            "retries": retries,
+            "wait_initial": wait_initial,
+            "wait_max": wait_max,
+            "deadline": deadline,
+            "readonly": readonly,
+            "deferrable": deferrable,
+        }
+        self._explicit = frozenset(name for name, value in given.items() if value is not _UNSET)
+        self._extension = _extension
+        self.isolation = (
+            check_isolation("isolation", isolation) if isolation is not _UNSET else None
+        )
+        self.retries = check_retries("retries", retries) if retries is not _UNSET else None
+        self.wait_initial = (
+            check_seconds("wait_initial", wait_initial) if wait_initial is not _UNSET else None
+        )
+        self.wait_max = check_seconds("wait_max", wait_max) if wait_max is not _UNSET else None
+        if self.wait_initial is not None and self.wait_max is not None:
+            check_wait_order("wait_max", self.wait_initial, self.wait_max)
+        self.deadline = (
+            check_seconds("deadline", deadline, optional=True, zero=False)
+            if deadline is not _UNSET
+            else None
+        )
+        self.retry_on = _check_retry_on(retry_on)
+        self.readonly = _check_flag("readonly", readonly) if readonly is not _UNSET else False
+        self.deferrable = (
+            _check_flag("deferrable", deferrable) if deferrable is not _UNSET else False
+        )
+        self.durable = _check_flag("durable", durable)
+        self.statement_timeout = check_seconds(
+            "statement_timeout", statement_timeout, optional=True, zero=False
+        )
+        self.lock_timeout = check_seconds("lock_timeout", lock_timeout, optional=True, zero=False)
+        if self.deferrable and not self.readonly:
+            raise ConfigError(
+                "'deferrable=True' needs 'readonly=True' (and isolation 'SERIALIZABLE'):"
+                " PostgreSQL only defers read-only serializable transactions."
+            )
+        if self.deferrable and "isolation" in self._explicit and self.isolation != "SERIALIZABLE":
+            raise ConfigError(
+                f"'deferrable=True' needs isolation 'SERIALIZABLE', got {self.isolation!r}."
+            )
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{name}={getattr(self, name)!r}" for name in sorted(self._explicit))
+        return f"<atomic({options})>"
+
+    # -- decorator -----------------------------------------------------------
+
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        """Run ``func`` in a transaction, re-running it on retriable errors when outermost."""
+        _refuse_unsupported(func)
+
+        @functools.wraps(func)
+        def atomic_call(*args: P.args, **kwargs: P.kwargs) -> R:
+            state = self._state()
+            session = state.registry()
+            txn: _Transaction | None = session.info.get(_TXN)
+            if txn is not None:
+                # Inside another block: a savepoint, and the outermost block
+                # alone decides about retries.
+                self._check_nested(txn)
+                with _Savepoint(txn):
+                    return func(*args, **kwargs)
+            return self._run(state, session, func, args, kwargs)
+
+        return atomic_call
+
+    def _run(
+        self,
+        state: _State,
+        session: Session,
+        func: Callable[..., R],
+        args: Any,
+        kwargs: Any,
+    ) -> R:
+        options = self._options(state.settings, retrying=True)
+        policy = options.policy
+        started = time.perf_counter()
+        if policy.retries and has_request_context():
+            # Every attempt must be able to read the body again.
+            request.get_data(cache=True)
+        for attempt in itertools.count(1):
+            txn = _begin(session, state, options, attempt, started)
+            token = _current.set(txn)
+            try:
+                error: BaseException | None = None
+                try:
+                    rv = func(*args, **kwargs)
+                except BaseException as exc:
+                    error = exc
+                if error is None and txn.doomed is None:
+                    if _vetoed(rv, options.veto):
+                        _rollback(txn, reason="veto", error=None)
+                        return rv
+                    error = _commit(txn)
+                    if error is None:
+                        break
+                failure = error if error is not None else txn.doomed
+                assert failure is not None
+                retriable = isinstance(failure, Exception) and (
+                    txn.doomed is not None or self._retriable(failure)
+                )
+                delay = backoff(policy, attempt, state.settings.random) if retriable else 0.0
+                give_up = (
+                    not retriable
+                    or attempt > policy.retries
+                    or (
+                        policy.deadline is not None
+                        and time.perf_counter() - started + delay > policy.deadline
+                    )
+                )
+                if give_up:
+                    _rollback(txn, reason="error", error=failure, exhausted=retriable)
+                    if retriable:
+                        _note_attempts(failure, attempt)
+                    raise failure
+                _rollback(txn, reason="retry", error=failure)
+            finally:
+                _current.reset(token)
+            _retrying(txn, failure, delay, final=attempt + 1 > policy.retries)
+            state.settings.sleep(delay)
+        _committed(txn)
+        return rv
+
+    def _retriable(self, error: Exception) -> bool:
+        if is_retryable(error):
+            return True
+        retry_on = self.retry_on
+        if retry_on is None:
+            return False
+        if isinstance(retry_on, type | tuple):
+            return isinstance(error, retry_on)
+        return bool(retry_on(error))
+
+    # -- with block ----------------------------------------------------------
+
+    def __enter__(self) -> Session:
+        if "retries" in self._explicit:
+            raise ConfigError(
+                f"'retries' cannot be used with a 'with atomic(...)' block (got"
+                f" retries={self.retries!r}): a block cannot be re-run. Decorate a"
+                " function with '@atomic(retries=...)' instead."
+            )
+        state = self._state()
+        session = state.registry()
+        txn: _Transaction | None = session.info.get(_TXN)
+        if txn is not None:
+            self._check_nested(txn)
+            _Savepoint(txn).__enter__()
+            return session
+        options = self._options(state.settings, retrying=False)
+        txn = _begin(session, state, options, 1, time.perf_counter())
+        txn.frames.append(_current.set(txn))
+        return session
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        session = self._state().registry()
+        txn: _Transaction | None = session.info.get(_TXN)
+        if txn is None:
+            raise UsageError(
+                "The session was removed or closed inside a 'with atomic()' block; the"
+                " transaction is lost. Do not call 'session.remove()' inside a block."
+            )
+        frame = txn.frames[-1]
+        if isinstance(frame, _Savepoint):
+            frame.__exit__(exc_type, exc, tb)
+            return False
+        txn.frames.pop()
+        try:
+            failure = exc if exc is not None else txn.doomed
+            if failure is None:
+                failure = _commit(txn)
+            if failure is not None:
+                _rollback(txn, reason="error", error=failure)
+        finally:
+            _current.reset(frame)
+        if failure is None:
+            _committed(txn)
+        elif failure is not exc:
+            raise failure
+        return False
+
+    # -- shared --------------------------------------------------------------
+
+    def _state(self) -> _State:
+        extension = self._extension
+        if extension is None:
+            if not has_app_context():
+                raise UsageError(
+                    "'atomic' was used outside of an application context: it needs one to"
+                    " find the app's database. Use it in a request, a CLI command, or"
+                    " 'with app.app_context():'."
+                )
+            extension = current_app.extensions.get("flask-txn")
+            if extension is None:
+                raise UsageError(
+                    f"No flask-txn extension is registered on the current app"
+                    f" {current_app.name!r}. Did you forget to call 'FlaskTxn(app)' or"
+                    " 'txn.init_app(app)'?"
+                )
+        return extension._get_state()
+
+    def _options(self, settings: Settings, *, retrying: bool) -> _Options:
+        default = settings.retry
+        if retrying:
+            policy = RetryPolicy(
+                retries=default.retries if self.retries is None else self.retries,
+                wait_initial=default.wait_initial
+                if self.wait_initial is None
+                else self.wait_initial,
+                wait_max=default.wait_max if self.wait_max is None else self.wait_max,
+                deadline=self.deadline if "deadline" in self._explicit else default.deadline,
+            )
+            if self.wait_initial is None or self.wait_max is None:
+                check_wait_order("wait_max", policy.wait_initial, policy.wait_max)
+        else:
+            # A block cannot be re-run: the configured retries never apply to it.
+            policy = RetryPolicy(0, 0.0, 0.0, None)
+        isolation = self.isolation if "isolation" in self._explicit else settings.isolation
+        if self.deferrable and isolation != "SERIALIZABLE":
+            raise ConfigError(
+                f"'deferrable=True' needs isolation 'SERIALIZABLE', but the level in force"
+                f" is {isolation!r}. Pass isolation='SERIALIZABLE'."
+            )
+        return _Options(
+            isolation=isolation,
+            readonly=self.readonly,
+            deferrable=self.deferrable,
+            statement_timeout=self.statement_timeout,
+            lock_timeout=self.lock_timeout,
+            policy=policy,
+            veto=settings.rollback_on_status,
+        )
+
+    def _check_nested(self, txn: _Transaction) -> None:
+        """Refuse options that only the outermost block can honour."""
+        outer = txn.options
+        conflicts = [
+            ("durable", self.durable, False),
+            ("retries", self.retries, None),
+            ("statement_timeout", self.statement_timeout, None),
+            ("lock_timeout", self.lock_timeout, None),
+        ]
+        for name, value, unset in conflicts:
+            if value != unset:
+                raise NestingError(
+                    f"{name}={value!r} cannot be used on a nested atomic block: it only"
+                    " applies to the outermost block. Move it to the outermost"
+                    f" 'atomic', or remove it here.{_durable_hint(name)}"
+                )
+        for name, value, outer_value in (
+            ("isolation", self.isolation, outer.isolation),
+            ("readonly", self.readonly, outer.readonly),
+            ("deferrable", self.deferrable, outer.deferrable),
+        ):
+            if name in self._explicit and value != outer_value:
+                raise NestingError(
+                    f"{name}={value!r} differs from the enclosing atomic block's"
+                    f" {name}={outer_value!r}; a savepoint cannot change it. Set it on"
+                    " the outermost block, or remove it here."
+                )
+
+
+def _durable_hint(name: str) -> str:
+    if name != "durable":
+        return ""
+    return (
+        " ('durable=True' promises that the block commits on its own, but it was"
+        " entered inside another block.)"
+    )
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name!r} must be True or False, got {value!r}.")
+    return value
+
+
+def _check_retry_on(value: object) -> RetryOn | None:
+    if value is None or (callable(value) and not isinstance(value, type)):
+        return value
+    classes = value if isinstance(value, tuple) else (value,)
+    if classes and all(isinstance(c, type) and issubclass(c, BaseException) for c in classes):
+        return value  # type: ignore[return-value]
+    raise ConfigError(
+        "'retry_on' must be an exception class, a tuple of exception classes, or a"
+        f" callable(exception) -> bool, got {value!r}."
+    )
+
+
+def _refuse_unsupported(func: Callable[..., Any]) -> None:
+    """A generator or coroutine would run after the transaction ended."""
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        kind = "generator"
+    elif inspect.iscoroutinefunction(func):
+        kind = "coroutine (async def)"
+    else:
+        return
+    raise UsageError(
+        f"'atomic' cannot decorate {func.__qualname__!r}, a {kind} function: its body"
+        " would run after the transaction had ended. Decorate a plain function that"
+        " builds the data, and stream or await outside it."
+    )
+
+
+def _begin(
+    session: Session, state: _State, options: _Options, attempt: int, started: float
+) -> _Transaction:
+    """Start the outermost transaction with its options applied before any statement."""
+    if session.in_transaction():
+        if has_pending_writes(session):
+            raise PendingWritesError(
+                "The session has uncommitted writes made before this atomic block began."
+                " Starting the block would have to commit or discard them. Commit them"
+                " first, or move them inside the block."
+            )
+        # Reads made before the block (a before_request hook, a user loader)
+        # hold a snapshot and maybe a different isolation level: start afresh.
+        session.rollback()
+    txn = _Transaction(session, state.engine, options, attempt, started)
+    _check_dialect(state.engine, options)
+    session.begin()
+    session.info[_TXN] = txn
+    try:
+        _apply_options(session, options)
+    except BaseException:
+        _end(txn)
+        session.rollback()
+        raise
+    return txn
+
+
+def _check_dialect(engine: Engine, options: _Options) -> None:
+    dialect = engine.dialect.name
+    if dialect == "sqlite" and options.isolation not in (None, *_SQLITE_LEVELS):
+        raise ConfigError(
+            f"isolation {options.isolation!r} is not supported by SQLite; it offers"
+            " 'SERIALIZABLE' (its default) and 'READ UNCOMMITTED'."
+        )
+    if dialect != "postgresql":
+        for name in _POSTGRESQL_ONLY:
+            value = getattr(options, name)
+            if value:
+                raise ConfigError(
+                    f"{name}={value!r} needs PostgreSQL; the database is {dialect!r}."
+                    f" Remove {name!r} for this database."
+                )
+
+
+def _apply_options(session: Session, options: _Options) -> None:
+    execution_options: dict[str, Any] = {}
+    if options.isolation is not None:
+        execution_options["isolation_level"] = options.isolation
+    if options.readonly:
+        execution_options["postgresql_readonly"] = True
+    if options.deferrable:
+        execution_options["postgresql_deferrable"] = True
+    if execution_options:
+        if isinstance(session.get_bind(), Connection):
+            raise UsageError(
+                f"isolation/readonly options {execution_options!r} cannot be applied: the"
+                " session is bound to a connection whose transaction already began."
+            )
+        session.connection(execution_options=execution_options)
+    for setting, seconds in (
+        ("statement_timeout", options.statement_timeout),
+        ("lock_timeout", options.lock_timeout),
+    ):
+        if seconds is not None:
+            # A validated integer literal: SET takes no bound parameters.
+            milliseconds = max(1, round(seconds * 1000))
+            session.execute(text(f"SET LOCAL {setting} = {int(milliseconds)}"))
+
+
+def _end(txn: _Transaction) -> None:
+    """Forget the block's state, so code after it (callbacks too) starts a new block."""
+    txn.session.info.pop(_TXN, None)
+
+
+def _commit(txn: _Transaction) -> BaseException | None:
+    """Flush and commit; return the error instead of raising it, unless it is final."""
+    session = txn.session
+    try:
+        # Ordinary errors (constraints, triggers) surface here, before COMMIT,
+        # so that only COMMIT itself can leave an outcome unknown.
+        session.flush()
+    except Exception as exc:
+        return exc
+    if txn.last_error is not None and _aborted(session):
+        error = TransactionAbortedError(
+            "A database error aborted this transaction, but the function caught it and"
+            " returned normally, so nothing was committed. Let the error propagate, or"
+            " wrap the failing statement in a nested 'atomic' block (a savepoint)."
+        )
+        error.__cause__ = txn.last_error
+        return error
+    try:
+        session.commit()
+    except Exception as exc:
+        if is_disconnect(exc) or sqlstate_of(exc) == AMBIGUOUS_SQLSTATE:
+            ambiguous = AmbiguousCommitError(
+                "The connection was lost while waiting for COMMIT's reply: the"
+                " transaction may or may not have committed, so it is not retried."
+                " Make the operation idempotent (store an idempotency key in the same"
+                " transaction) and let the client retry with the same key."
+            )
+            ambiguous.__cause__ = exc
+            _end(txn)
+            _rollback(txn, reason="error", error=ambiguous)
+            raise ambiguous from exc
+        return exc
+    return None
+
+
+def _aborted(session: Session) -> bool:
+    """True if PostgreSQL considers the open transaction failed (libpq's INERROR)."""
+    dbapi_connection = session.connection().connection.dbapi_connection
+    info = getattr(dbapi_connection, "info", None)
+    return getattr(info, "transaction_status", None) == _TRANSACTION_IN_ERROR
+
+
+def _rollback(
+    txn: _Transaction,
+    *,
+    reason: str,
+    error: BaseException | None,
+    exhausted: bool = False,
+) -> None:
+    """Roll back, returning the connection to the pool, then tell the receivers."""
+    _end(txn)
+    try:
+        txn.session.rollback()
+    except Exception:
+        # The original error matters more; the pool discards a broken connection.
+        log.exception("Rollback failed; closing the session.")
+        txn.session.close()
+    _signals.send_rolled_back(
+        current_app_object(),
+        **_payload(txn),
+        reason=reason,
+        error=error,
+        sqlstate=None if error is None else sqlstate_of(error),
+        exhausted=exhausted,
+    )
+
+
+def _retrying(txn: _Transaction, error: BaseException, delay: float, *, final: bool) -> None:
+    sqlstate = sqlstate_of(error)
+    log.info(
+        "Retrying transaction: attempt %d failed with SQLSTATE %s; waiting %.3f s.",
+        txn.attempt,
+        sqlstate,
+        delay,
+    )
+    if _signals.transaction_retrying.receivers:
+        _signals.send(
+            _signals.transaction_retrying,
+            current_app_object(),
+            **_payload(txn),
+            error=error,
+            sqlstate=sqlstate,
+            delay=delay,
+            final=final,
+        )
+
+
+def _committed(txn: _Transaction) -> None:
+    """After COMMIT: the signal, then the on_commit callbacks, outside any block."""
+    _end(txn)
+    if _signals.transaction_committed.receivers:
+        _signals.send(_signals.transaction_committed, current_app_object(), **_payload(txn))
+    if txn.callbacks:
+        _run_callbacks(txn.callbacks)
+
+
+def _payload(txn: _Transaction) -> dict[str, Any]:
+    return {
+        "session": txn.session,
+        "attempt": txn.attempt,
+        "isolation": txn.isolation,
+        "endpoint": request.endpoint if has_request_context() else None,
+        "elapsed": time.perf_counter() - txn.started,
+    }
+
+
+def _note_attempts(error: BaseException, attempts: int) -> None:
+    error.txn_attempts = attempts  # type: ignore[attr-defined]
+    error.add_note(f"flask-txn: gave up after {attempts} attempt(s).")
+
+
+def _vetoed(rv: object, veto: StatusVeto) -> bool:
+    """True if the returned response asks for a rollback (``TXN_ROLLBACK_ON_STATUS``)."""
+    if veto is None or not has_request_context():
+        return False
+    if callable(veto):
+        return bool(veto(rv))
+    status = _status_of(rv)
+    return status is not None and status >= veto
+
+
+def _status_of(rv: object) -> int | None:
+    """The HTTP status of a view's return value, without touching a streamed body."""
+    if isinstance(rv, tuple) and len(rv) in (2, 3):
+        status = rv[1]
+        if isinstance(status, int) and not isinstance(status, bool):
+            return status
+        if isinstance(status, str) and status.split(" ", 1)[0].isdigit():
+            return int(status.split(" ", 1)[0])
+        return _status_of(rv[0])
+    if isinstance(rv, Response):
+        return rv.status_code
+    return None
+
+
+class _Savepoint:
+    """A nested block: a SAVEPOINT, and the callbacks registered under it."""
+
+    __slots__ = ("id", "nested", "txn")
+
+    def __init__(self, txn: _Transaction) -> None:
+        self.txn = txn
+
+    def __enter__(self) -> None:
+        txn = self.txn
+        self.nested = txn.session.begin_nested()
+        self.id = next(_savepoint_ids)
+        txn.savepoint_ids.append(self.id)
+        txn.frames.append(self)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        txn = self.txn
+        txn.frames.pop()
+        txn.savepoint_ids.pop()
+        if exc is None:
+            try:
+                self.nested.commit()
+                return
+            except BaseException:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        txn = self.txn
+        if self.nested.is_active:
+            self.nested.rollback()
+        txn.callbacks = [entry for entry in txn.callbacks if self.id not in entry[0]]
+
+
+def on_commit(func: Callable[[], object], *, robust: bool = False) -> None:
+    """Run ``func()`` once the outermost atomic block has committed.
+
+    It never runs if the transaction, the savepoint it was registered in, or the
+    attempt rolls back. Callbacks run in registration order after the
+    :data:`transaction_committed` signal, outside any block. Every callback
+    runs; a failure is logged, and with ``robust=False`` the first one is
+    re-raised to the caller after the others ran (the data stays committed).
+
+    :param func: a callable taking no arguments.
+    :param robust: log and swallow an exception from ``func`` instead of raising it.
+    """
+    if not callable(func):
+        raise ConfigError(
+            f"'on_commit' needs a callable taking no arguments, got {func!r}. Pass the"
+            " function itself (or functools.partial(f, ...)), not its result."
+        )
+    _check_flag("robust", robust)
+    txn = _current.get()
+    if txn is None:
+        raise UsageError(
+            "'on_commit' was called outside of an atomic block, so there is no commit to"
+            " wait for. Call it inside '@atomic' or 'with atomic():'."
+        )
+    txn.callbacks.append((tuple(txn.savepoint_ids), func, robust))
+
+
+def _run_callbacks(callbacks: list[tuple[tuple[int, ...], Callable[[], object], bool]]) -> None:
+    first: BaseException | None = None
+    for _, func, robust in callbacks:
+        try:
+            func()
+        except Exception as exc:
+            log.exception("on_commit callback %r raised after the commit.", func)
+            if not robust and first is None:
+                first = exc
+    if first is not None:
+        raise first
+
+
+@overload
+def atomic(func: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def atomic(
+    func: None = None,
+    /,
+    *,
+    isolation: str | None = ...,
+    retries: int = ...,
+    wait_initial: float = ...,
+    wait_max: float = ...,
+    deadline: float | None = ...,
+    retry_on: RetryOn | None = ...,
+    readonly: bool = ...,
+    deferrable: bool = ...,
+    statement_timeout: float | None = ...,
+    lock_timeout: float | None = ...,
+    durable: bool = ...,
+) -> Atomic: ...
+
+
+def atomic(func: Callable[P, R] | None = None, /, **options: Any) -> Any:
+    """Run a function, or a ``with`` block, in one database transaction.
+
+    ``@atomic`` and ``@atomic(...)`` decorate a view or any function called in
+    an app context; ``with atomic(...):`` wraps a block. See :doc:`/atomic` for
+    every option; options not given come from the ``TXN_*`` config.
+
+    :param func: the function, when used as a bare ``@atomic``.
+    :param options: ``isolation``, ``retries``, ``wait_initial``, ``wait_max``,
+        ``deadline``, ``retry_on``, ``readonly``, ``deferrable``,
+        ``statement_timeout``, ``lock_timeout``, ``durable``.
+    """
+    return decorate_or_open(Atomic(**options), func)
+
+
+def decorate_or_open(block: Atomic, func: Any) -> Any:
+    """``@atomic`` applies the block to ``func``; ``atomic(...)`` returns the block."""
+    if func is None:
+        return block
+    if not callable(func):
+        raise ConfigError(
+            f"'atomic' takes a function or keyword options, got {func!r}. Write"
+            " '@atomic', '@atomic(isolation=...)' or 'with atomic(...):'."
+        )
+    return block(func)

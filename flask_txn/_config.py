@@ -1,0 +1,262 @@
+"""Reading and validating settings: the ``TXN_*`` config keys and atomic's arguments.
+
+Every check here raises :class:`ConfigError` with the same shape of message: the
+key or argument in quotes, the bad value, what is allowed and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from ._errors import ConfigError
+
+ISOLATION_LEVELS = ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
+SCOPES = ("thread", "app_context")
+DISCARD_POLICIES = ("warn", "ignore", "raise")
+
+Scope = Literal["thread", "app_context"] | Callable[[], Any]
+DiscardPolicy = Literal["warn", "ignore", "raise"]
+StatusVeto = int | Callable[[Any], bool] | None
+
+#: Config key -> default. ``FlaskTxn(**options)`` takes the same names in lower
+#: case without the prefix; the app's config overrides them.
+DEFAULTS: dict[str, Any] = {
+    "TXN_DATABASE_URI": None,
+    "TXN_ENGINE_OPTIONS": {},
+    "TXN_SESSION_OPTIONS": {},
+    "TXN_SESSION_SCOPE": "thread",
+    "TXN_ON_DISCARD": "warn",
+    "TXN_ISOLATION_LEVEL": None,
+    "TXN_RETRIES": 5,
+    "TXN_RETRY_WAIT_INITIAL": 0.01,
+    "TXN_RETRY_WAIT_MAX": 1.0,
+    "TXN_RETRY_DEADLINE": None,
+    "TXN_ROLLBACK_ON_STATUS": 400,
+    "TXN_RETRY_SLEEP": time.sleep,
+    "TXN_RETRY_RANDOM": random.random,
+}
+
+OPTION_NAMES = {key.removeprefix("TXN_").lower(): key for key in DEFAULTS}
+
+# Session options flask-txn sets itself; a user value would break scoping or binding.
+_RESERVED_SESSION_OPTIONS = ("bind", "binds")
+
+_PASSWORD_IN_URL = re.compile(r"(?<=://)([^:/@]*):[^@/]*@")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How the outermost decorated function is re-run after a retriable failure."""
+
+    retries: int
+    wait_initial: float
+    wait_max: float
+    deadline: float | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """The validated ``TXN_*`` config of one app."""
+
+    url: URL
+    engine_options: Mapping[str, Any]
+    session_options: Mapping[str, Any]
+    scope: Scope
+    on_discard: DiscardPolicy
+    isolation: str | None
+    retry: RetryPolicy
+    rollback_on_status: StatusVeto
+    sleep: Callable[[float], object]
+    random: Callable[[], float]
+
+
+def hide_password(value: object) -> str:
+    """Render a database URL (or any text holding one) with the password masked."""
+    if isinstance(value, URL):
+        return value.render_as_string(hide_password=True)
+    return _PASSWORD_IN_URL.sub(r"\1:***@", str(value))
+
+
+def options_to_config(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Map ``FlaskTxn(**options)`` names to config keys, refusing unknown names."""
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        allowed = ", ".join(repr(name) for name in OPTION_NAMES)
+        raise ConfigError(
+            f"FlaskTxn() got unknown option {unknown[0]!r}. Allowed options: {allowed}"
+            " (each is a TXN_* config key in lower case without the prefix)."
+        )
+    return {OPTION_NAMES[name]: value for name, value in options.items()}
+
+
+def read_settings(config: Mapping[str, Any]) -> Settings:
+    """Validate the app's ``TXN_*`` keys (defaults already filled in)."""
+    wait_initial = check_seconds("TXN_RETRY_WAIT_INITIAL", config["TXN_RETRY_WAIT_INITIAL"])
+    wait_max = check_seconds("TXN_RETRY_WAIT_MAX", config["TXN_RETRY_WAIT_MAX"])
+    check_wait_order("TXN_RETRY_WAIT_MAX", wait_initial, wait_max)
+    return Settings(
+        url=_check_url(config["TXN_DATABASE_URI"]),
+        engine_options=_check_mapping("TXN_ENGINE_OPTIONS", config["TXN_ENGINE_OPTIONS"]),
+        session_options=_check_session_options(config["TXN_SESSION_OPTIONS"]),
+        scope=_check_scope(config["TXN_SESSION_SCOPE"]),
+        on_discard=_check_choice("TXN_ON_DISCARD", config["TXN_ON_DISCARD"], DISCARD_POLICIES),
+        isolation=check_isolation("TXN_ISOLATION_LEVEL", config["TXN_ISOLATION_LEVEL"]),
+        retry=RetryPolicy(
+            retries=check_retries("TXN_RETRIES", config["TXN_RETRIES"]),
+            wait_initial=wait_initial,
+            wait_max=wait_max,
+            deadline=check_seconds(
+                "TXN_RETRY_DEADLINE", config["TXN_RETRY_DEADLINE"], optional=True, zero=False
+            ),
+        ),
+        rollback_on_status=_check_status_veto(config["TXN_ROLLBACK_ON_STATUS"]),
+        sleep=_check_callable("TXN_RETRY_SLEEP", config["TXN_RETRY_SLEEP"], "time.sleep"),
+        random=_check_callable("TXN_RETRY_RANDOM", config["TXN_RETRY_RANDOM"], "random.random"),
+    )
+
+
+def check_isolation(name: str, value: object) -> str | None:
+    """Normalise an isolation level name, or None for the database's default."""
+    if value is None:
+        return None
+    allowed = ", ".join(repr(level) for level in ISOLATION_LEVELS)
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{name!r} must be one of {allowed} (case-insensitive) or None for the"
+            f" database's default, got {value!r} of type {type(value).__name__}."
+        )
+    level = " ".join(value.replace("_", " ").upper().split())
+    if level == "AUTOCOMMIT":
+        raise ConfigError(
+            f"{name!r} cannot be {value!r}: an atomic block always runs a transaction."
+            f" Use one of {allowed}, or None for the database's default."
+        )
+    if level not in ISOLATION_LEVELS:
+        raise ConfigError(
+            f"{name!r} must be one of {allowed} (case-insensitive) or None for the"
+            f" database's default, got {value!r}."
+        )
+    return level
+
+
+def check_retries(name: str, value: object) -> int:
+    """A whole number of re-runs, 0 or more."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"{name!r} must be a whole number >= 0 (the number of re-runs after the first"
+            f" attempt; 0 disables retrying), got {value!r}."
+        )
+    return value
+
+
+def check_seconds(name: str, value: Any, *, optional: bool = False, zero: bool = True) -> Any:
+    """A duration in seconds: a non-negative int or float (positive if not ``zero``)."""
+    if value is None and optional:
+        return None
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if (
+        not is_number
+        or value != value
+        or value in (float("inf"), float("-inf"))
+        or (value < 0 if zero else value <= 0)
+    ):
+        bound = ">= 0" if zero else "> 0"
+        none = " or None for no limit" if optional else ""
+        raise ConfigError(
+            f"{name!r} must be a finite number of seconds {bound}{none}, got {value!r}."
+        )
+    return float(value)
+
+
+def check_wait_order(name: str, wait_initial: float, wait_max: float) -> None:
+    """The backoff cap cannot be below the first wait."""
+    if wait_max < wait_initial:
+        raise ConfigError(
+            f"{name!r} must be >= the initial wait ({wait_initial!r} s), got {wait_max!r}."
+            " Raise the maximum or lower the initial wait."
+        )
+
+
+def _check_url(value: object) -> URL:
+    if value is None:
+        raise ConfigError(
+            "'TXN_DATABASE_URI' is not set. Set it in the app's config (or pass"
+            " FlaskTxn(database_uri=...)), e.g. 'sqlite:///app.db' or"
+            " 'postgresql+psycopg2://user:password@localhost/app'."
+        )
+    if not isinstance(value, str | URL):
+        raise ConfigError(
+            f"'TXN_DATABASE_URI' must be a URL string or a sqlalchemy.engine.URL, got a"
+            f" {type(value).__name__}: {hide_password(value)!r}."
+        )
+    try:
+        return make_url(value)
+    except ArgumentError:
+        raise ConfigError(
+            f"'TXN_DATABASE_URI' is not a database URL: {hide_password(value)!r}. The form"
+            " is 'dialect+driver://user:password@host:port/database', e.g."
+            " 'sqlite:///app.db' or 'postgresql+psycopg2://user:password@localhost/app'."
+        ) from None
+
+
+def _check_mapping(name: str, value: object) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{name!r} must be a dict of keyword arguments, got {type(value).__name__}"
+            f" {value!r}. Use e.g. {{'pool_size': 10}}."
+        )
+    return dict(value)
+
+
+def _check_session_options(value: object) -> Mapping[str, Any]:
+    options = _check_mapping("TXN_SESSION_OPTIONS", value)
+    for key in _RESERVED_SESSION_OPTIONS:
+        if key in options:
+            raise ConfigError(
+                f"'TXN_SESSION_OPTIONS' cannot set {key!r} (got {options[key]!r}):"
+                " flask-txn binds each session to the current app's engine. Set"
+                " 'TXN_DATABASE_URI' instead."
+            )
+    return options
+
+
+def _check_scope(value: object) -> Scope:
+    if value in SCOPES or (callable(value) and not isinstance(value, str)):
+        return value  # type: ignore[return-value]
+    raise ConfigError(
+        f"'TXN_SESSION_SCOPE' must be 'thread', 'app_context' or a callable returning"
+        f" a hashable scope key, got {value!r}."
+    )
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> Any:
+    if value not in choices:
+        allowed = ", ".join(repr(choice) for choice in choices)
+        raise ConfigError(f"{name!r} must be one of {allowed}, got {value!r}.")
+    return value
+
+
+def _check_status_veto(value: object) -> StatusVeto:
+    if value is None or callable(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 599:
+        raise ConfigError(
+            "'TXN_ROLLBACK_ON_STATUS' must be an HTTP status from 100 to 599 (a response"
+            " with this status or higher rolls back), None (never roll back on a"
+            f" response) or a callable(response) -> bool, got {value!r}."
+        )
+    return value
+
+
+def _check_callable(name: str, value: object, example: str) -> Any:
+    if not callable(value):
+        raise ConfigError(f"{name!r} must be a callable like {example}, got {value!r}.")
+    return value

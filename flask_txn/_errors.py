@@ -1,0 +1,50 @@
+"""Exceptions raised by flask-txn itself.
+
+Database errors (``sqlalchemy.exc.DBAPIError`` and the driver's own) are never
+wrapped: they propagate unchanged. flask-txn adds only these::
+
+    FlaskTxnError
+    ├── ConfigError (also ValueError)         a TXN_* key or an argument has a bad value
+    ├── UsageError (also RuntimeError)        called in the wrong place or order
+    │   └── NestingError                      an atomic block cannot run where it was entered
+    ├── PendingWritesError                    uncommitted writes would be lost
+    ├── TransactionAbortedError               a swallowed database error aborted the transaction
+    └── AmbiguousCommitError                  COMMIT was sent, its outcome is unknown
+"""
+
+from __future__ import annotations
+
+
+class FlaskTxnError(Exception):
+    """Base class of every exception flask-txn raises itself."""
+
+
+class ConfigError(FlaskTxnError, ValueError):
+    """A config key or an argument has a value flask-txn cannot use."""
+
+
+class UsageError(FlaskTxnError, RuntimeError):
+    """flask-txn was used outside the context it needs (no app context, no block)."""
+
+
+class NestingError(UsageError):
+    """A nested atomic block asked for something only the outermost block can set."""
+
+
+class PendingWritesError(FlaskTxnError):
+    """Uncommitted writes would have been discarded silently."""
+
+
+class TransactionAbortedError(FlaskTxnError):
+    """The function returned normally, but a database error it caught had aborted
+    the transaction, so nothing could be committed. The error is the ``__cause__``.
+    """
+
+
+class AmbiguousCommitError(FlaskTxnError):
+    """The connection was lost while COMMIT's reply was pending.
+
+    The transaction may or may not have committed, so it is never retried. The
+    driver's error is the ``__cause__``. Make the operation idempotent (an
+    idempotency key stored in the same transaction) so the client can retry safely.
+    """

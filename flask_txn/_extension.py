@@ -1,0 +1,173 @@
+"""The Flask extension: per-app engines and sessions, and session removal at teardown."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, current_app, has_app_context
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.util import ScopedRegistry
+
+from . import _session
+from ._atomic import Atomic, decorate_or_open, record_error
+from ._config import DEFAULTS, Settings, hide_password, options_to_config, read_settings
+from ._errors import PendingWritesError, UsageError
+from ._signals import send_rolled_back
+
+log = logging.getLogger("flask_txn")
+
+
+@dataclasses.dataclass(slots=True)
+class _State:
+    settings: Settings
+    engine: Engine
+    sessionmaker: sessionmaker[Session]
+    registry: ScopedRegistry[Session]
+
+
+class FlaskTxn:
+    """Database transactions for a Flask app: a scoped session and ``@atomic`` blocks.
+
+    One instance may serve several apps (the application-factory pattern); each
+    app gets its own engine, sessions and settings from its ``TXN_*`` config.
+
+    :param app: the app to initialise now; or call :meth:`init_app` later.
+    :param options: defaults for the ``TXN_*`` config keys, named in lower case
+        without the prefix (``retries=3`` for ``TXN_RETRIES``). The app's config
+        overrides them.
+    """
+
+    def __init__(self, app: Flask | None = None, **options: Any) -> None:
+        self._defaults = options_to_config(options)
+        self._states: weakref.WeakKeyDictionary[Flask, _State] = weakref.WeakKeyDictionary()
+        self.session = _session.AppScopedSession(
+            lambda: self._get_state().registry, lambda: self._get_state().sessionmaker
+        )
+        """The current app's :class:`~sqlalchemy.orm.scoped_session`."""
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Read and validate the app's ``TXN_*`` config, create its engine and
+        arrange for its sessions to be removed at app-context teardown.
+
+        :param app: the app to register this extension with.
+        """
+        if "flask-txn" in app.extensions:
+            raise UsageError(
+                f"A flask-txn extension is already registered on app {app.name!r}."
+                " Call 'init_app' once per app (one FlaskTxn object can serve many apps)."
+            )
+        for key, value in {**DEFAULTS, **self._defaults}.items():
+            app.config.setdefault(key, value)
+        settings = read_settings(app.config)
+        engine = _session.make_engine(settings)
+        event.listen(engine, "handle_error", record_error)
+        factory = _session.make_sessionmaker(engine, settings)
+        self._states[app] = _State(
+            settings, engine, factory, _session.make_registry(factory, settings.scope)
+        )
+        weakref.finalize(app, engine.dispose)
+        app.extensions["flask-txn"] = self
+        _always_remove_at_teardown(app, self)
+
+    @property
+    def engine(self) -> Engine:
+        """The current app's engine."""
+        return self._get_state().engine
+
+    @property
+    def settings(self) -> Settings:
+        """The current app's validated settings."""
+        return self._get_state().settings
+
+    def atomic(self, func: Any = None, /, **options: Any) -> Any:
+        """Like :func:`flask_txn.atomic`, for this extension whatever the current app's is."""
+        return decorate_or_open(Atomic(_extension=self, **options), func)
+
+    def _get_state(self) -> _State:
+        if not has_app_context():
+            raise UsageError(
+                "Working outside of an application context: flask-txn needs one to find"
+                " the app's database. Use it inside a request, a CLI command, or"
+                " 'with app.app_context():'."
+            )
+        try:
+            return self._states[_session.current_app_object()]
+        except KeyError:
+            raise UsageError(
+                f"The current Flask app {current_app.name!r} is not registered with this"
+                " extension. Did you forget to call 'init_app'?"
+            ) from None
+
+    def _teardown(self, app: Flask) -> None:
+        """Remove the session the ending app context created, discarding its open transaction."""
+        state = self._states.get(app)
+        if state is None or not state.registry.has():
+            return
+        session = state.registry()
+        if session.info.get(_session.OWNER) is not _session.current_app_context():
+            # An outer context (same thread, or the scope a custom scopefunc
+            # chose) made this session and still uses it.
+            return
+        discarded = _session.has_pending_writes(session)
+        try:
+            session.close()
+        finally:
+            state.registry.clear()
+        if discarded:
+            _report_discarded(state.settings, app, session)
+
+
+def _report_discarded(settings: Settings, app: Flask, session: Session) -> None:
+    """Tell the user that uncommitted writes were rolled back at teardown."""
+    endpoint = session.info.get(_session.ENDPOINT)
+    send_rolled_back(
+        app,
+        session=session,
+        attempt=1,
+        isolation=None,
+        endpoint=endpoint,
+        elapsed=time.perf_counter() - session.info[_session.CREATED],
+        reason="teardown",
+        error=None,
+        sqlstate=None,
+        exhausted=False,
+    )
+    if settings.on_discard == "ignore":
+        return
+    message = (
+        f"Uncommitted writes were rolled back at app-context teardown (endpoint"
+        f" {endpoint!r}, database {hide_password(settings.url)}). Wrap the writes in"
+        " '@atomic' or call 'session.commit()'; set 'TXN_ON_DISCARD' to 'ignore' to"
+        " silence this."
+    )
+    if settings.on_discard == "raise":
+        raise PendingWritesError(message)
+    log.warning(message)
+
+
+def _always_remove_at_teardown(app: Flask, ext: FlaskTxn) -> None:
+    """Run the extension's teardown after the app's, even when one of those raises.
+
+    Flask 3.1 stops calling teardown functions at the first one that raises, and
+    one registered after ``init_app`` runs before ours. A session left behind
+    would keep its connection and carry its pending work into the thread's next
+    request, so the removal wraps the whole teardown phase instead.
+    """
+    do_teardown: Callable[..., None] = app.do_teardown_appcontext
+
+    def do_teardown_appcontext(*args: Any, **kwargs: Any) -> None:
+        try:
+            do_teardown(*args, **kwargs)
+        finally:
+            ext._teardown(app)
+
+    app.do_teardown_appcontext = do_teardown_appcontext  # type: ignore[method-assign]

@@ -1,0 +1,107 @@
+"""Which database errors are worth re-running a transaction for, and how long to wait.
+
+Errors are classified by the driver's error code, never by class name, so the
+same table serves every driver that reports the code:
+
+============================  ==========================  =====================
+database                      code                        where the driver has it
+============================  ==========================  =====================
+PostgreSQL, CockroachDB       ``40001`` serialization     psycopg2 ``pgcode``,
+                              failure, ``40P01`` deadlock psycopg 3 / asyncpg
+                                                          ``sqlstate``
+MySQL, MariaDB                ``1213`` deadlock           ``args[0]`` / ``errno``
+SQLite                        ``SQLITE_BUSY*``,           ``sqlite_errorname``
+                              ``SQLITE_LOCKED*``
+any                           connection lost before      SQLAlchemy's
+                              COMMIT                      ``connection_invalidated``
+============================  ==========================  =====================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from sqlalchemy.exc import DBAPIError
+
+from ._config import RetryPolicy
+
+_RETRIABLE_CODES = frozenset({"40001", "40P01", "1213"})
+_RETRIABLE_SQLITE = ("SQLITE_BUSY", "SQLITE_LOCKED")
+#: SQLSTATE of "statement completion unknown": the outcome of COMMIT is unknown.
+AMBIGUOUS_SQLSTATE = "40003"
+_MYSQL_DRIVERS = frozenset({"pymysql", "MySQLdb", "mysql"})
+# A cause chain longer than this is a cycle or not worth following.
+_MAX_CHAIN = 16
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, the driver error it wraps, and their ``__cause__`` chain."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < _MAX_CHAIN:
+        yield current
+        if isinstance(current, DBAPIError) and isinstance(current.orig, BaseException):
+            yield current.orig
+        current = current.__cause__
+        seen += 1
+
+
+def _driver_code(error: BaseException) -> str | None:
+    for attribute in ("pgcode", "sqlstate", "sqlite_errorname"):
+        code = getattr(error, attribute, None)
+        if isinstance(code, str):
+            return code
+    if type(error).__module__.partition(".")[0] in _MYSQL_DRIVERS:
+        code = getattr(error, "errno", None)
+        if code is None and error.args:
+            code = error.args[0]
+        if isinstance(code, int) and not isinstance(code, bool):
+            return str(code)
+    return None
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE or driver error code behind ``exc``, as a string, or None.
+
+    :param exc: any exception; SQLAlchemy's wrappers and ``__cause__`` are followed.
+    """
+    for error in _chain(exc):
+        code = _driver_code(error)
+        if code is not None:
+            return code
+    return None
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """True if SQLAlchemy found the connection dead when ``exc`` was raised."""
+    return any(
+        isinstance(error, DBAPIError) and error.connection_invalidated for error in _chain(exc)
+    )
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True if re-running the whole transaction from the start may succeed.
+
+    See the table in :doc:`/retries`: serialization failures and deadlocks on
+    every supported database, SQLite's busy and locked errors, and a connection
+    lost *before* COMMIT. A connection lost *during* COMMIT is not answered
+    here: ``atomic`` raises :class:`AmbiguousCommitError` for it.
+
+    :param exc: any exception; SQLAlchemy's wrappers and ``__cause__`` are followed.
+    """
+    for error in _chain(exc):
+        code = _driver_code(error)
+        if code is not None and (code in _RETRIABLE_CODES or code.startswith(_RETRIABLE_SQLITE)):
+            return True
+    return is_disconnect(exc)
+
+
+def backoff(policy: RetryPolicy, retry: int, random: Callable[[], float]) -> float:
+    """Seconds to wait before re-run number ``retry`` (1-based): full jitter, capped.
+
+    The cap grows as ``wait_initial * 2 ** (retry - 1)`` up to ``wait_max``, and
+    the wait is drawn uniformly from 0 to the cap, so that clients that failed
+    together do not retry together.
+    """
+    cap = min(policy.wait_max, policy.wait_initial * 2.0 ** min(retry - 1, 64))
+    return cap * random()

@@ -1,0 +1,165 @@
+"""Engines and scoped sessions: one registry per app, sessions owned by app contexts."""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from flask import current_app, has_request_context, request
+from flask.globals import app_ctx
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
+from sqlalchemy.util import ScopedRegistry, ThreadLocalRegistry
+
+from ._config import Settings
+
+#: ``session.info`` keys. The owner is the app context that created the session:
+#: only that context's teardown removes it.
+OWNER = "flask_txn.owner"
+ENDPOINT = "flask_txn.endpoint"
+CREATED = "flask_txn.created"
+_WROTE = "flask_txn.wrote"
+
+# Every engine flask-txn made in this process, for disposal after a fork.
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _dispose_after_fork() -> None:
+    """Drop the parent's pooled connections in a forked child without closing them."""
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_dispose_after_fork)
+
+
+def make_engine(settings: Settings) -> Engine:
+    """Create the app's engine with flask-txn's per-dialect defaults under the user's options."""
+    options = {**_dialect_defaults(settings.url), **settings.engine_options}
+    engine = sa.create_engine(settings.url, **options)
+    if engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite":
+        _use_sqlite_transactions(engine)
+    _ENGINES.add(engine)
+    return engine
+
+
+def _dialect_defaults(url: URL) -> dict[str, Any]:
+    if url.get_backend_name() == "sqlite":
+        return {}
+    # A server may drop idle connections (restart, failover, idle timeouts):
+    # test each one on checkout rather than fail the first statement of a request.
+    return {"pool_pre_ping": True}
+
+
+def _use_sqlite_transactions(engine: Engine) -> None:
+    """Make pysqlite emit BEGIN itself, so SAVEPOINT and isolation work (SQLAlchemy's recipe)."""
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: sa.Connection) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+
+def make_sessionmaker(engine: Engine, settings: Settings) -> sessionmaker[Session]:
+    """A sessionmaker bound to the app's engine that records writes made in each transaction."""
+    options = {"expire_on_commit": False, **settings.session_options}
+    factory = sessionmaker(bind=engine, **options)
+    event.listen(factory, "after_flush", _mark_written)
+    event.listen(factory, "do_orm_execute", _mark_dml)
+    event.listen(factory, "after_commit", _clear_written)
+    event.listen(factory, "after_rollback", _clear_written)
+    return factory
+
+
+def _mark_written(session: Session, _flush_context: Any) -> None:
+    session.info[_WROTE] = True
+
+
+def _mark_dml(state: ORMExecuteState) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        state.session.info[_WROTE] = True
+
+
+def _clear_written(session: Session) -> None:
+    session.info.pop(_WROTE, None)
+
+
+def has_pending_writes(session: Session) -> bool:
+    """True if the session holds changes that a rollback would discard.
+
+    Counts unflushed objects, flushes and ORM DML in the open transaction; a raw
+    SQL string passed to ``execute`` is not inspected.
+    """
+    return bool(session.info.get(_WROTE) or session.new or session.deleted or session.dirty)
+
+
+def current_app_context() -> Any:
+    """The app context object behind Flask's proxy (a scope key and an owner tag)."""
+    return app_ctx._get_current_object()  # type: ignore[attr-defined]
+
+
+def current_app_object() -> Any:
+    """The app object behind ``current_app``: the sender of flask-txn's signals."""
+    return current_app._get_current_object()  # type: ignore[attr-defined]
+
+
+def make_registry(factory: sessionmaker[Session], scope: Any) -> ScopedRegistry[Session]:
+    """The per-app store of current sessions for ``TXN_SESSION_SCOPE``."""
+
+    def create() -> Session:
+        session = factory()
+        session.info[OWNER] = current_app_context()
+        session.info[ENDPOINT] = request.endpoint if has_request_context() else None
+        session.info[CREATED] = time.perf_counter()
+        return session
+
+    if scope == "thread":
+        return ThreadLocalRegistry(create)
+    if scope == "app_context":
+        return ScopedRegistry(create, current_app_context)
+    return ScopedRegistry(create, scope)
+
+
+class CurrentAppRegistry(ScopedRegistry[Session]):
+    """Delegates to the current app's registry, so one ``scoped_session`` serves every app."""
+
+    def __init__(self, registry_of_current_app: Callable[[], ScopedRegistry[Session]]) -> None:
+        self._current = registry_of_current_app
+
+    def __call__(self) -> Session:
+        return self._current()()
+
+    def has(self) -> bool:
+        return self._current().has()
+
+    def set(self, obj: Session) -> None:
+        self._current().set(obj)
+
+    def clear(self) -> None:
+        self._current().clear()
+
+
+class AppScopedSession(scoped_session[Session]):
+    """The ``txn.session`` proxy: the current app's session in the configured scope."""
+
+    def __init__(
+        self,
+        registry_of_current_app: Callable[[], ScopedRegistry[Session]],
+        factory_of_current_app: Callable[[], sessionmaker[Session]],
+    ) -> None:
+        # scoped_session.__init__ would build its own registry: replace it wholesale.
+        self.registry = CurrentAppRegistry(registry_of_current_app)
+        self._factory_of_current_app = factory_of_current_app
+
+    @property
+    def session_factory(self) -> sessionmaker[Session]:  # type: ignore[override]
+        """The current app's sessionmaker."""
+        return self._factory_of_current_app()

@@ -1,0 +1,52 @@
+"""Signals sent when the outermost atomic block commits, rolls back or retries.
+
+The sender is the app. Receivers take ``**extra``: keys may be added later.
+A receiver that raises is logged and skipped; it never affects the transaction,
+the other receivers, or the retry loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from blinker import NamedSignal, Namespace
+
+_signals = Namespace()
+log = logging.getLogger("flask_txn")
+
+transaction_committed: NamedSignal = _signals.signal("transaction-committed")
+"""Sent after the outermost block's COMMIT succeeded.
+
+Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``.
+"""
+
+transaction_rolled_back: NamedSignal = _signals.signal("transaction-rolled-back")
+"""Sent after an outermost block rolled back, for any reason.
+
+Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``,
+``reason`` (``"error"``, ``"retry"``, ``"veto"`` or ``"teardown"``), ``error``,
+``sqlstate``, ``exhausted``.
+"""
+
+transaction_retrying: NamedSignal = _signals.signal("transaction-retrying")
+"""Sent after a retriable failure was rolled back, before the backoff sleep.
+
+Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``,
+``error``, ``sqlstate``, ``delay``, ``final``.
+"""
+
+
+def send(signal: NamedSignal, sender: Any, **payload: Any) -> None:
+    """Call every receiver of ``signal``; log and skip any that raises."""
+    for receiver in signal.receivers_for(sender):
+        try:
+            receiver(sender, **payload)
+        except Exception:
+            log.exception("A receiver of the flask-txn signal %r raised; ignored.", signal.name)
+
+
+def send_rolled_back(sender: Any, **payload: Any) -> None:
+    """Send ``transaction_rolled_back`` if anything listens."""
+    if transaction_rolled_back.receivers:
+        send(transaction_rolled_back, sender, **payload)
