@@ -1,0 +1,96 @@
+"""Fixtures: a throwaway PostgreSQL server, apps on SQLite and PostgreSQL, test models.
+
+``FLASK_TXN_TEST_POSTGRESQL`` set to a SQLAlchemy URL makes the suite use that
+server instead of starting one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from flask_txn import FlaskTxn
+
+from . import pgserver
+
+POSTGRESQL_ENV = "FLASK_TXN_TEST_POSTGRESQL"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "item"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(50), default="")
+    value: Mapped[int] = mapped_column(default=0)
+
+
+@pytest.fixture(scope="session")
+def postgresql_url() -> Iterator[str]:
+    """A PostgreSQL server for the whole session: the user's, or one started here."""
+    url = os.environ.get(POSTGRESQL_ENV)
+    if url:
+        yield url
+        return
+    with pgserver.running() as server:
+        yield server.url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Any) -> str:
+    """A SQLite file (not ``:memory:``, which SQLAlchemy keeps per thread)."""
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each engine in turn, for behaviour that must hold on both."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+AppFactory = Callable[..., tuple[Flask, FlaskTxn]]
+
+
+@pytest.fixture
+def make_app(database_url: str) -> Iterator[AppFactory]:
+    """Build apps on ``database_url`` with fresh tables; check for leaked connections after."""
+    made: list[tuple[Flask, FlaskTxn]] = []
+
+    def make(url: str | None = None, *, txn: FlaskTxn | None = None, **config: Any) -> Any:
+        app = Flask(f"app{len(made)}")
+        app.config.update(TESTING=True, TXN_DATABASE_URI=url or database_url, **config)
+        txn = txn or FlaskTxn()
+        txn.init_app(app)
+        with app.app_context():
+            Base.metadata.drop_all(txn.engine)
+            Base.metadata.create_all(txn.engine)
+        made.append((app, txn))
+        return app, txn
+
+    yield make
+    for app, txn in made:
+        with app.app_context():
+            engine = txn.engine
+        assert engine.pool.checkedout() == 0, "a test leaked a connection"
+        engine.dispose()
+
+
+@pytest.fixture
+def app_txn(make_app: AppFactory) -> tuple[Flask, FlaskTxn]:
+    """One app on the current engine."""
+    return make_app()
+
+
+def count_items(app: Flask, txn: FlaskTxn) -> int:
+    """Rows in ``item``, read on a fresh connection outside any session."""
+    with app.app_context(), txn.engine.connect() as connection:
+        return int(connection.scalar(sa.select(sa.func.count()).select_from(Item)) or 0)
