@@ -7,6 +7,7 @@ engine's ``handle_error`` event, in a context variable.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 from flask import current_app, has_app_context, has_request_context, request
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine, ExceptionContext
+from sqlalchemy.exc import ResourceClosedError
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
@@ -732,7 +734,9 @@ class _Savepoint:
 
     def _rollback(self) -> None:
         txn = self.txn
-        if self.nested.is_active:
+        # A failed flush leaves the savepoint inactive but open: it still needs
+        # its ROLLBACK TO SAVEPOINT. One that user code already ended is closed.
+        with contextlib.suppress(ResourceClosedError):
             self.nested.rollback()
         txn.callbacks = [entry for entry in txn.callbacks if self.id not in entry[0]]
 
