@@ -234,7 +234,8 @@ def test_connection_lost_before_commit_is_retried(bank: Any) -> None:
 
     with app.app_context():
         work()
-    assert len(pids) == 2 and pids[0] != pids[1]
+    assert len(pids) == 2
+    assert pids[0] != pids[1]
     assert values(app, txn)[1] == 1
 
 
