@@ -16,7 +16,13 @@ import pytest
 import sqlalchemy as sa
 from flask import request
 
-from flask_txn import atomic, is_retryable, sqlstate_of
+from flask_txn import (
+    atomic,
+    is_retryable,
+    sqlstate_of,
+    transaction_retrying,
+    transaction_rolled_back,
+)
 from flask_txn._config import RetryPolicy
 from flask_txn._retry import backoff
 
@@ -81,6 +87,30 @@ def test_retriable_failure_reruns_and_commits_once(retry_app: Any, code: str) ->
     with app.app_context():
         work()
     assert (len(calls), count_items(app, txn), len(waits.delays)) == (2, 1, 1)
+
+
+def test_retry_signals_carry_the_sqlstate(retry_app: Any) -> None:
+    """The rolled-back and retrying events of a real 40001 carry its SQLSTATE."""
+    app, txn, _ = retry_app
+    seen: list[Any] = []
+    calls = []
+
+    @atomic
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            fail(txn, "40001")
+
+    def receiver(_: Any, **payload: Any) -> None:
+        seen.append(payload["sqlstate"])
+
+    with (
+        transaction_rolled_back.connected_to(receiver),
+        transaction_retrying.connected_to(receiver),
+        app.app_context(),
+    ):
+        flaky()
+    assert seen == ["40001", "40001"]
 
 
 def test_other_errors_are_not_retried(retry_app: Any) -> None:
