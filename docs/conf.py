@@ -1,0 +1,50 @@
+"""Sphinx configuration for the flask-txn documentation."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from blinker import NamedSignal
+from sphinx.application import Sphinx
+from sphinx.pycode import ModuleAnalyzer
+
+# Document the checkout, not whichever flask_txn happens to be installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import flask_txn
+
+project = "flask-txn"
+copyright = "the flask-txn authors"
+release = flask_txn.__version__
+version = release
+
+extensions = ["myst_parser", "sphinx.ext.autodoc"]
+myst_enable_extensions = ["colon_fence", "deflist"]
+exclude_patterns = ["_build"]
+autodoc_member_order = "bysource"
+
+html_theme = "alabaster"
+
+# The module that defines the signals and holds their attribute docstrings.
+SIGNALS_MODULE = "flask_txn._signals"
+
+
+def signal_docstring(
+    app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]
+) -> None:
+    """Use a signal's attribute docstring instead of blinker's class docstring.
+
+    autodoc looks for attribute docstrings in the module a name is documented
+    under (``flask_txn``), but the signals are defined in a private module.
+    """
+    if what != "data" or not isinstance(obj, NamedSignal):
+        return
+    docs = ModuleAnalyzer.for_module(SIGNALS_MODULE).find_attr_docs()
+    lines[:] = docs[("", name.rpartition(".")[2])]
+
+
+def setup(app: Sphinx) -> None:
+    """Register the docstring hook."""
+    app.connect("autodoc-process-docstring", signal_docstring)
