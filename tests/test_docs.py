@@ -1,0 +1,85 @@
+"""The docs, the README and CI stay in step with the code."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import flask_txn
+from flask_txn._config import DEFAULTS
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+DEMO_COMMAND = (
+    "python3 -m venv .venv && .venv/bin/pip install -e . &&"
+    " .venv/bin/flask --app examples/minimal/app.py run"
+)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def _test_command() -> str:
+    """The one line of ``.ci/run`` that installs and runs the test suite."""
+    (line,) = [
+        line
+        for line in _read(ROOT / ".ci" / "run").splitlines()
+        if line.startswith("python3 -m venv") and "pytest" in line
+    ]
+    return line
+
+
+def test_api_page_documents_exactly_all() -> None:
+    """docs/api.md documents every name in flask_txn.__all__ and nothing else."""
+    documented = re.findall(
+        r"^\.\. auto(?:class|function|data|exception):: flask_txn\.(\w+)",
+        _read(DOCS / "api.md"),
+        re.MULTILINE,
+    )
+    assert len(documented) == len(set(documented))
+    assert sorted(documented) == sorted(flask_txn.__all__)
+
+
+def test_api_page_atomic_signature_matches_code() -> None:
+    """The signature written out for Atomic in docs/api.md names its public parameters."""
+    (written,) = re.findall(
+        r"^\.\. autoclass:: flask_txn\.Atomic\((.*)\)$", _read(DOCS / "api.md"), re.MULTILINE
+    )
+    names = [part.split("=")[0].strip() for part in written.split(",")]
+    public = [
+        name for name in inspect.signature(flask_txn.Atomic).parameters if not name.startswith("_")
+    ]
+    assert names == ["*", *public]
+
+
+def test_config_page_documents_every_key() -> None:
+    """docs/config.md has one entry per TXN_* key in DEFAULTS, with its default."""
+    entries = dict(
+        re.findall(
+            r"^```\{py:data\} (TXN_\w+)\n(?::type: .*\n)?:value: (.*)$",
+            _read(DOCS / "config.md"),
+            re.MULTILINE,
+        )
+    )
+    assert sorted(entries) == sorted(DEFAULTS)
+    for key, default in DEFAULTS.items():
+        # MyST reads directive options as YAML: a quoted string keeps its quotes.
+        shown = entries[key].removeprefix('"').removesuffix('"')
+        if callable(default):
+            assert shown.endswith(default.__name__), key
+        else:
+            assert shown == repr(default), key
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    """The README starts with the demo and CI's test command; the quick start repeats them."""
+    test_command = _test_command()
+    readme = _read(ROOT / "README.md")
+    commands = [line for line in readme.splitlines() if line.startswith("python3 ")]
+    assert commands[:2] == [DEMO_COMMAND, test_command]
+    quickstart = _read(DOCS / "quickstart.md")
+    assert DEMO_COMMAND in quickstart
+    assert test_command in quickstart
