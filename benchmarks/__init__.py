@@ -1,0 +1,1 @@
+"""Benchmarks for flask-txn; run each module with ``python -m benchmarks.<name>``."""
