@@ -53,9 +53,8 @@ def report(title: str, results: dict[str, list[float]], unit: str) -> None:
     print("| --- | --- | --- | --- |")
     for name, rates in results.items():
         median = statistics.median(rates)
-        print(
-            f"| {name} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | {median / base:.3f} |"
-        )
+        spread = f"{min(rates):,.0f}-{max(rates):,.0f}"
+        print(f"| {name} | {median:,.0f} | {spread} | {median / base:.3f} |")
 
 
 def main() -> None:
