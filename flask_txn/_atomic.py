@@ -62,6 +62,9 @@ _TRANSACTION_IN_ERROR = 3
 _POSTGRESQL_ONLY = ("readonly", "deferrable", "statement_timeout", "lock_timeout")
 _SQLITE_LEVELS = ("SERIALIZABLE", "READ UNCOMMITTED")
 
+#: Options that shape the retry loop: only an outermost decorated function has one.
+_RETRY_OPTIONS = frozenset({"retries", "wait_initial", "wait_max", "deadline", "retry_on"})
+
 RetryOn = Callable[[BaseException], bool] | type[BaseException] | tuple[type[BaseException], ...]
 
 _current: contextvars.ContextVar[_Transaction | None] = contextvars.ContextVar(
@@ -182,6 +185,7 @@ class Atomic:
             "wait_initial": wait_initial,
             "wait_max": wait_max,
             "deadline": deadline,
+            "retry_on": _UNSET if retry_on is None else retry_on,
             "readonly": readonly,
             "deferrable": deferrable,
         }
@@ -243,7 +247,7 @@ class Atomic:
                 self._check_nested(txn)
                 with _Savepoint(txn):
                     return func(*args, **kwargs)
-            return self._run(state, session, func, args, kwargs)
+            return self._run(state, session, atomic_call, func, args, kwargs)
 
         return atomic_call
 
@@ -251,27 +255,30 @@ class Atomic:
         self,
         state: _State,
         session: Session,
+        wrapper: Callable[..., R],
         func: Callable[..., R],
         args: Any,
         kwargs: Any,
     ) -> R:
         options = self._options(state.settings, retrying=True)
         policy = options.policy
+        _prepare(session, state.engine, options)
         started = time.perf_counter()
         if policy.retries and has_request_context():
             # Every attempt must be able to read the body again.
             request.get_data(cache=True)
         for attempt in itertools.count(1):
-            txn = _begin(session, state, options, attempt, started)
+            txn = _Transaction(session, state.engine, options, attempt, started)
             token = _current.set(txn)
             try:
                 error: BaseException | None = None
                 try:
+                    _begin(txn)
                     rv = func(*args, **kwargs)
                 except BaseException as exc:
                     error = exc
                 if error is None and txn.doomed is None:
-                    if _vetoed(rv, options.veto):
+                    if _vetoed(rv, options.veto, wrapper):
                         _rollback(txn, reason="veto", error=None)
                         return rv
                     error = _commit(txn)
@@ -317,11 +324,11 @@ class Atomic:
     # -- with block ----------------------------------------------------------
 
     def __enter__(self) -> Session:
-        if "retries" in self._explicit:
+        for name in sorted(self._explicit & _RETRY_OPTIONS):
             raise ConfigError(
-                f"'retries' cannot be used with a 'with atomic(...)' block (got"
-                f" retries={self.retries!r}): a block cannot be re-run. Decorate a"
-                " function with '@atomic(retries=...)' instead."
+                f"{name!r} cannot be used with a 'with atomic(...)' block (got"
+                f" {name}={getattr(self, name)!r}): a block cannot be re-run. Decorate a"
+                f" function with '@atomic({name}=...)' instead."
             )
         state = self._state()
         session = state.registry()
@@ -331,8 +338,16 @@ class Atomic:
             _Savepoint(txn).__enter__()
             return session
         options = self._options(state.settings, retrying=False)
-        txn = _begin(session, state, options, 1, time.perf_counter())
-        txn.frames.append(_current.set(txn))
+        _prepare(session, state.engine, options)
+        txn = _Transaction(session, state.engine, options, 1, time.perf_counter())
+        token = _current.set(txn)
+        try:
+            _begin(txn)
+        except BaseException as exc:
+            _rollback(txn, reason="error", error=exc)
+            _current.reset(token)
+            raise
+        txn.frames.append(token)
         return session
 
     def __exit__(
@@ -422,19 +437,17 @@ class Atomic:
     def _check_nested(self, txn: _Transaction) -> None:
         """Refuse options that only the outermost block can honour."""
         outer = txn.options
-        conflicts = [
-            ("durable", self.durable, False),
-            ("retries", self.retries, None),
-            ("statement_timeout", self.statement_timeout, None),
-            ("lock_timeout", self.lock_timeout, None),
+        outermost_only = sorted(self._explicit & _RETRY_OPTIONS) + [
+            name
+            for name in ("durable", "statement_timeout", "lock_timeout")
+            if getattr(self, name) not in (False, None)
         ]
-        for name, value, unset in conflicts:
-            if value != unset:
-                raise NestingError(
-                    f"{name}={value!r} cannot be used on a nested atomic block: it only"
-                    " applies to the outermost block. Move it to the outermost"
-                    f" 'atomic', or remove it here.{_durable_hint(name)}"
-                )
+        for name in outermost_only:
+            raise NestingError(
+                f"{name}={getattr(self, name)!r} cannot be used on a nested atomic block: it"
+                " only applies to the outermost block. Move it to the outermost"
+                f" 'atomic', or remove it here.{_durable_hint(name)}"
+            )
         for name, value, outer_value in (
             ("isolation", self.isolation, outer.isolation),
             ("readonly", self.readonly, outer.readonly),
@@ -490,10 +503,9 @@ def _refuse_unsupported(func: Callable[..., Any]) -> None:
     )
 
 
-def _begin(
-    session: Session, state: _State, options: _Options, attempt: int, started: float
-) -> _Transaction:
-    """Start the outermost transaction with its options applied before any statement."""
+def _prepare(session: Session, engine: Engine, options: _Options) -> None:
+    """Before the first attempt: refuse what cannot work, and end a transaction of reads."""
+    _check_dialect(engine, options)
     if session.in_transaction():
         if has_pending_writes(session):
             raise PendingWritesError(
@@ -504,17 +516,14 @@ def _begin(
         # Reads made before the block (a before_request hook, a user loader)
         # hold a snapshot and maybe a different isolation level: start afresh.
         session.rollback()
-    txn = _Transaction(session, state.engine, options, attempt, started)
-    _check_dialect(state.engine, options)
+
+
+def _begin(txn: _Transaction) -> None:
+    """Start the outermost transaction with its options applied before any statement."""
+    session = txn.session
     session.begin()
     session.info[_TXN] = txn
-    try:
-        _apply_options(session, options)
-    except BaseException:
-        _end(txn)
-        session.rollback()
-        raise
-    return txn
+    _apply_options(session, txn.options)
 
 
 def _check_dialect(engine: Engine, options: _Options) -> None:
@@ -586,8 +595,9 @@ def _commit(txn: _Transaction) -> BaseException | None:
     except Exception as exc:
         if is_disconnect(exc) or sqlstate_of(exc) == AMBIGUOUS_SQLSTATE:
             ambiguous = AmbiguousCommitError(
-                "The connection was lost while waiting for COMMIT's reply: the"
-                " transaction may or may not have committed, so it is not retried."
+                "COMMIT's outcome is unknown (the connection was lost while waiting for its"
+                " reply, or the server reported SQLSTATE 40003): the transaction may or"
+                " may not have committed, so it is not retried."
                 " Make the operation idempotent (store an idempotency key in the same"
                 " transaction) and let the client retry with the same key."
             )
@@ -675,14 +685,32 @@ def _note_attempts(error: BaseException, attempts: int) -> None:
     error.add_note(f"flask-txn: gave up after {attempts} attempt(s).")
 
 
-def _vetoed(rv: object, veto: StatusVeto) -> bool:
-    """True if the returned response asks for a rollback (``TXN_ROLLBACK_ON_STATUS``)."""
-    if veto is None or not has_request_context():
+def _vetoed(rv: object, veto: StatusVeto, wrapper: Callable[..., Any]) -> bool:
+    """True if the view returned a response that asks for a rollback.
+
+    Only the request's view function is judged (``TXN_ROLLBACK_ON_STATUS``): a
+    helper returning a tuple like ``(item_id, 500)`` is data, not a response.
+    """
+    if veto is None or not has_request_context() or not _is_current_view(wrapper):
         return False
     if callable(veto):
         return bool(veto(rv))
     status = _status_of(rv)
     return status is not None and status >= veto
+
+
+def _is_current_view(wrapper: Callable[..., Any]) -> bool:
+    """True if ``wrapper`` is (or is wrapped by) the view serving this request."""
+    view = current_app.view_functions.get(request.endpoint or "")
+    while view is not None:
+        if view is wrapper:
+            return True
+        view_class = getattr(view, "view_class", None)
+        if view_class is not None:
+            # A class-based view whose method was decorated.
+            return getattr(view_class, request.method.lower(), None) is wrapper
+        view = getattr(view, "__wrapped__", None)
+    return False
 
 
 def _status_of(rv: object) -> int | None:

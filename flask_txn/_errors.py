@@ -42,7 +42,8 @@ class TransactionAbortedError(FlaskTxnError):
 
 
 class AmbiguousCommitError(FlaskTxnError):
-    """The connection was lost while COMMIT's reply was pending.
+    """COMMIT's outcome is unknown: the connection was lost while its reply was
+    pending, or the server reported SQLSTATE 40003 (statement completion unknown).
 
     The transaction may or may not have committed, so it is never retried. The
     driver's error is the ``__cause__``. Make the operation idempotent (an

@@ -22,7 +22,8 @@ Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``.
 """
 
 transaction_rolled_back: NamedSignal = _signals.signal("transaction-rolled-back")
-"""Sent after an outermost block rolled back, for any reason.
+"""Sent after an outermost block rolled back, for any reason, and when
+uncommitted writes were discarded at app-context teardown (reason ``"teardown"``).
 
 Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``,
 ``reason`` (``"error"``, ``"retry"``, ``"veto"`` or ``"teardown"``), ``error``,

@@ -196,6 +196,41 @@ def test_veto_reads_response_status_without_consuming_a_stream(app_txn: Any) -> 
     assert names(app, txn) == []
 
 
+def test_veto_applies_to_the_view_only(app_txn: Any) -> None:
+    """A decorated helper returning a tuple is data: it commits whatever the tuple holds."""
+    app, txn = app_txn
+
+    @atomic
+    def create() -> tuple[int, int]:
+        item = Item(name="helper", value=500)
+        txn.session.add(item)
+        txn.session.flush()
+        return item.id, item.value
+
+    @app.post("/")
+    def view() -> str:
+        item_id, value = create()
+        return f"{item_id}:{value}"
+
+    assert app.test_client().post("/").text == "1:500"
+    assert names(app, txn) == ["helper"]
+
+
+def test_veto_applies_to_a_decorated_method_view(app_txn: Any) -> None:
+    """An ``@atomic`` method of a class-based view is the view: its error response rolls back."""
+    app, txn = app_txn
+
+    class Items(MethodView):
+        @atomic
+        def post(self) -> Any:
+            txn.session.add(Item(name="refused"))
+            return "no", 400
+
+    app.add_url_rule("/items", view_func=Items.as_view("items"))
+    assert app.test_client().post("/items").status_code == 400
+    assert names(app, txn) == []
+
+
 def test_veto_callable_and_disabled(make_app: Any) -> None:
     """TXN_ROLLBACK_ON_STATUS may be a callable, or None to never veto."""
     results = {}
@@ -452,13 +487,18 @@ def test_generators_and_coroutines_are_refused() -> None:
         atomic(retries=1)(coroutine)
 
 
-def test_retries_on_a_block_is_refused(app_txn: Any) -> None:
-    """A block cannot be re-run, so ``retries=`` on it is an error."""
+@pytest.mark.parametrize(
+    "options",
+    [{"retries": 2}, {"wait_initial": 1}, {"wait_max": 1}, {"deadline": 3}, {"retry_on": KeyError}],
+)
+def test_retry_options_on_a_block_are_refused(app_txn: Any, options: dict[str, Any]) -> None:
+    """A block cannot be re-run, so retry options on it are an error, not ignored."""
     app, _ = app_txn
+    (name,) = options
     with (
         app.app_context(),
-        pytest.raises(ConfigError, match=r"'retries' cannot be used with a 'with atomic"),
-        atomic(retries=2),
+        pytest.raises(ConfigError, match=rf"'{name}' cannot be used with a 'with atomic"),
+        atomic(**options),
     ):
         pass
 
@@ -470,6 +510,10 @@ def test_retries_on_a_block_is_refused(app_txn: Any) -> None:
         ({"readonly": True}, r"readonly=True differs from the enclosing"),
         ({"durable": True}, r"durable=True cannot be used on a nested atomic block"),
         ({"retries": 0}, r"retries=0 cannot be used on a nested atomic block"),
+        ({"wait_initial": 1}, r"wait_initial=1.0 cannot be used on a nested atomic block"),
+        ({"wait_max": 1}, r"wait_max=1.0 cannot be used on a nested atomic block"),
+        ({"deadline": None}, r"deadline=None cannot be used on a nested atomic block"),
+        ({"retry_on": KeyError}, r"retry_on=<class 'KeyError'> cannot be used on a nested"),
         ({"statement_timeout": 1}, r"statement_timeout=1.0 cannot be used on a nested"),
         ({"lock_timeout": 1}, r"lock_timeout=1.0 cannot be used on a nested"),
     ],
