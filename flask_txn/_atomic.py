@@ -124,6 +124,17 @@ class _Options:
 
 _savepoint_ids = itertools.count(1)
 
+#: ``session.info`` key that flask_txn.testing sets on sessions joined to a test's
+#: outer transaction: there, commits are savepoint releases and per-transaction
+#: settings (isolation, read-only, timeouts) cannot be applied.
+JOINED = "flask_txn.joined"
+
+#: Test hooks (flask_txn.testing): each injector may raise a database error just
+#: before the outermost flush; each capture receives the callbacks of a commit
+#: and returns whether they should still run.
+fault_injectors: list[Callable[[Session], None]] = []
+callback_captures: list[Callable[[list[Callable[[], object]]], bool]] = []
+
 
 def record_error(context: ExceptionContext) -> None:
     """``handle_error`` listener: remember database errors of the open attempt.
@@ -544,6 +555,8 @@ def _check_dialect(engine: Engine, options: _Options) -> None:
 
 
 def _apply_options(session: Session, options: _Options) -> None:
+    if session.info.get(JOINED):
+        return  # flask_txn.testing documents that the test's transaction rules.
     execution_options: dict[str, Any] = {}
     if options.isolation is not None:
         execution_options["isolation_level"] = options.isolation
@@ -577,6 +590,8 @@ def _commit(txn: _Transaction) -> BaseException | None:
     """Flush and commit; return the error instead of raising it, unless it is final."""
     session = txn.session
     try:
+        for inject in fault_injectors:
+            inject(session)
         # Ordinary errors (constraints, triggers) surface here, before COMMIT,
         # so that only COMMIT itself can leave an outcome unknown.
         session.flush()
@@ -666,6 +681,11 @@ def _committed(txn: _Transaction) -> None:
     _end(txn)
     if _signals.transaction_committed.receivers:
         _signals.send(_signals.transaction_committed, current_app_object(), **_payload(txn))
+    if callback_captures:
+        callbacks = [func for _, func, _ in txn.callbacks]
+        # Every capture sees the callbacks; any of them may hold them back.
+        if not all([capture(callbacks) for capture in callback_captures]):
+            return
     if txn.callbacks:
         _run_callbacks(txn.callbacks)
 
