@@ -11,6 +11,13 @@ from ._errors import (
     UsageError,
 )
 from ._extension import FlaskTxn
+from ._locking import (
+    Versioned,
+    advisory_lock,
+    advisory_lock_key,
+    lock_rows,
+    try_advisory_lock,
+)
 from ._retry import is_retryable, sqlstate_of
 from ._signals import transaction_committed, transaction_retrying, transaction_rolled_back
 
@@ -26,11 +33,16 @@ __all__ = [
     "PendingWritesError",
     "TransactionAbortedError",
     "UsageError",
+    "Versioned",
+    "advisory_lock",
+    "advisory_lock_key",
     "atomic",
     "is_retryable",
+    "lock_rows",
     "on_commit",
     "sqlstate_of",
     "transaction_committed",
     "transaction_retrying",
     "transaction_rolled_back",
+    "try_advisory_lock",
 ]
