@@ -112,8 +112,19 @@ class PostgresServer:
             )
 
     def start(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust",
-                  "-E", "UTF8", "--locale=C", "--no-sync")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
         options = {**SETTINGS, "port": str(self.port), "unix_socket_directories": str(self.folder)}
         flags = " ".join(f"-c {key}={value}" for key, value in options.items())
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", flags, "-w", "start")
