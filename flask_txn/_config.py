@@ -6,7 +6,9 @@ key or argument in quotes, the bad value, what is allowed and how to fix it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import random
 import re
 import time
@@ -14,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from ._errors import ConfigError
 
@@ -49,7 +51,9 @@ OPTION_NAMES = {key.removeprefix("TXN_").lower(): key for key in DEFAULTS}
 # Session options flask-txn sets itself; a user value would break scoping or binding.
 _RESERVED_SESSION_OPTIONS = ("bind", "binds")
 
-_PASSWORD_IN_URL = re.compile(r"(?<=://)([^:/@]*):[^@/]*@")
+# The password runs to the next "@", as in SQLAlchemy's own URL pattern: a "/"
+# in it must not end the match early and leave the rest of it visible.
+_PASSWORD_IN_URL = re.compile(r"(?<=://)([^:/@]*):[^@]*@")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,7 +108,9 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
     check_wait_order("TXN_RETRY_WAIT_MAX", wait_initial, wait_max)
     return Settings(
         url=_check_url(config["TXN_DATABASE_URI"]),
-        engine_options=_check_mapping("TXN_ENGINE_OPTIONS", config["TXN_ENGINE_OPTIONS"]),
+        engine_options=_check_mapping(
+            "TXN_ENGINE_OPTIONS", config["TXN_ENGINE_OPTIONS"], "{'pool_size': 10}"
+        ),
         session_options=_check_session_options(config["TXN_SESSION_OPTIONS"]),
         scope=_check_scope(config["TXN_SESSION_SCOPE"]),
         on_discard=_check_choice("TXN_ON_DISCARD", config["TXN_ON_DISCARD"], DISCARD_POLICIES),
@@ -161,19 +167,18 @@ def check_seconds(name: str, value: Any, *, optional: bool = False, zero: bool =
     """A duration in seconds: a non-negative int or float (positive if not ``zero``)."""
     if value is None and optional:
         return None
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if (
-        not is_number
-        or value != value
-        or value in (float("inf"), float("-inf"))
-        or (value < 0 if zero else value <= 0)
-    ):
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # An int too large for a float (10**400) is not a usable duration either.
+        with contextlib.suppress(OverflowError):
+            seconds = float(value)
+    if seconds is None or not math.isfinite(seconds) or (seconds < 0 if zero else seconds <= 0):
         bound = ">= 0" if zero else "> 0"
         none = " or None for no limit" if optional else ""
         raise ConfigError(
             f"{name!r} must be a finite number of seconds {bound}{none}, got {value!r}."
         )
-    return float(value)
+    return seconds
 
 
 def check_wait_order(name: str, wait_initial: float, wait_max: float) -> None:
@@ -198,26 +203,38 @@ def _check_url(value: object) -> URL:
             f" {type(value).__name__}: {hide_password(value)!r}."
         )
     try:
-        return make_url(value)
-    except ArgumentError:
+        url = make_url(value)
+    except (ArgumentError, ValueError):
+        # ValueError: make_url parses the port with int() ("host:notaport").
         raise ConfigError(
             f"'TXN_DATABASE_URI' is not a database URL: {hide_password(value)!r}. The form"
             " is 'dialect+driver://user:password@host:port/database', e.g."
             " 'sqlite:///app.db' or 'postgresql+psycopg2://user:password@localhost/app'."
         ) from None
+    try:
+        # Loads the dialect class only; the driver is imported by create_engine.
+        url.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigError(
+            f"'TXN_DATABASE_URI' names an unknown dialect or driver"
+            f" {url.drivername!r}: {hide_password(url)!r}. Use a SQLAlchemy dialect such"
+            " as 'sqlite', 'postgresql+psycopg2' or 'postgresql+psycopg', or install"
+            " the package providing it."
+        ) from None
+    return url
 
 
-def _check_mapping(name: str, value: object) -> Mapping[str, Any]:
+def _check_mapping(name: str, value: object, example: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigError(
             f"{name!r} must be a dict of keyword arguments, got {type(value).__name__}"
-            f" {value!r}. Use e.g. {{'pool_size': 10}}."
+            f" {value!r}. Use e.g. {example}."
         )
     return dict(value)
 
 
 def _check_session_options(value: object) -> Mapping[str, Any]:
-    options = _check_mapping("TXN_SESSION_OPTIONS", value)
+    options = _check_mapping("TXN_SESSION_OPTIONS", value, "{'autoflush': False}")
     for key in _RESERVED_SESSION_OPTIONS:
         if key in options:
             raise ConfigError(
