@@ -17,6 +17,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmake
 from sqlalchemy.util import ScopedRegistry, ThreadLocalRegistry
 
 from ._config import Settings
+from ._errors import ConfigError
 
 #: ``session.info`` keys. The owner is the app context that created the session:
 #: only that context's teardown removes it.
@@ -41,7 +42,15 @@ os.register_at_fork(after_in_child=_dispose_after_fork)
 def make_engine(settings: Settings) -> Engine:
     """Create the app's engine with flask-txn's per-dialect defaults under the user's options."""
     options = {**_dialect_defaults(settings.url), **settings.engine_options}
-    engine = sa.create_engine(settings.url, **options)
+    try:
+        engine = sa.create_engine(settings.url, **options)
+    except TypeError as exc:
+        # Only the names are shown: values (connect_args) may hold a password.
+        raise ConfigError(
+            f"'TXN_ENGINE_OPTIONS' has keys {sorted(settings.engine_options)!r} that"
+            f" sqlalchemy.create_engine() refused: {exc} Use keyword arguments of"
+            " create_engine() that this database and pool accept, e.g. {'pool_size': 10}."
+        ) from None
     if engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite":
         _use_sqlite_transactions(engine)
     _ENGINES.add(engine)
@@ -72,6 +81,16 @@ def make_sessionmaker(engine: Engine, settings: Settings) -> sessionmaker[Sessio
     """A sessionmaker bound to the app's engine that records writes made in each transaction."""
     options = {"expire_on_commit": False, **settings.session_options}
     factory = sessionmaker(bind=engine, **options)
+    try:
+        # sessionmaker keeps the options unchecked until the first Session: check
+        # them now rather than fail the app's first request. No connection is made.
+        factory().close()
+    except TypeError as exc:
+        raise ConfigError(
+            f"'TXN_SESSION_OPTIONS' has keys {sorted(settings.session_options)!r} that"
+            f" sqlalchemy.orm.Session() refused: {exc}. Use keyword arguments of"
+            " Session, e.g. {'autoflush': False}."
+        ) from None
     event.listen(factory, "after_flush", _mark_written)
     event.listen(factory, "do_orm_execute", _mark_dml)
     event.listen(factory, "after_commit", _clear_written)
@@ -111,15 +130,19 @@ def current_app_object() -> Any:
     return current_app._get_current_object()  # type: ignore[attr-defined]
 
 
+def claim(session: Session) -> Session:
+    """Tag a session as owned by the current app context, unless it already has an owner."""
+    session.info.setdefault(OWNER, current_app_context())
+    session.info.setdefault(ENDPOINT, request.endpoint if has_request_context() else None)
+    session.info.setdefault(CREATED, time.perf_counter())
+    return session
+
+
 def make_registry(factory: sessionmaker[Session], scope: Any) -> ScopedRegistry[Session]:
     """The per-app store of current sessions for ``TXN_SESSION_SCOPE``."""
 
     def create() -> Session:
-        session = factory()
-        session.info[OWNER] = current_app_context()
-        session.info[ENDPOINT] = request.endpoint if has_request_context() else None
-        session.info[CREATED] = time.perf_counter()
-        return session
+        return claim(factory())
 
     if scope == "thread":
         return ThreadLocalRegistry(create)
@@ -141,7 +164,9 @@ class CurrentAppRegistry(ScopedRegistry[Session]):
         return self._current().has()
 
     def set(self, obj: Session) -> None:
-        self._current().set(obj)
+        # scoped_session(**kw) builds the session itself and stores it here: without
+        # an owner, no teardown would ever remove it and its connection would leak.
+        self._current().set(claim(obj))
 
     def clear(self) -> None:
         self._current().clear()
