@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -66,7 +67,9 @@ class FlaskTxn:
                 " Call 'init_app' once per app (one FlaskTxn object can serve many apps)."
             )
         for key, value in {**DEFAULTS, **self._defaults}.items():
-            app.config.setdefault(key, value)
+            # Dicts are copied: editing one app's TXN_ENGINE_OPTIONS in place must not
+            # change the module's defaults or another app served by this object.
+            app.config.setdefault(key, dict(value) if isinstance(value, dict) else value)
         settings = read_settings(app.config)
         engine = _session.make_engine(settings)
         event.listen(engine, "handle_error", record_error)
@@ -107,8 +110,13 @@ class FlaskTxn:
                 " extension. Did you forget to call 'init_app'?"
             ) from None
 
-    def _teardown(self, app: Flask) -> None:
-        """Remove the session the ending app context created, discarding its open transaction."""
+    def _teardown(self, app: Flask, *, failed: bool) -> None:
+        """Remove the session the ending app context created, discarding its open transaction.
+
+        :param app: the app whose context is ending.
+        :param failed: the context ends with an exception, which a
+            :class:`PendingWritesError` must not replace.
+        """
         state = self._states.get(app)
         if state is None or not state.registry.has():
             return
@@ -123,10 +131,10 @@ class FlaskTxn:
         finally:
             state.registry.clear()
         if discarded:
-            _report_discarded(state.settings, app, session)
+            _report_discarded(state.settings, app, session, failed=failed)
 
 
-def _report_discarded(settings: Settings, app: Flask, session: Session) -> None:
+def _report_discarded(settings: Settings, app: Flask, session: Session, *, failed: bool) -> None:
     """Tell the user that uncommitted writes were rolled back at teardown."""
     endpoint = session.info.get(_session.ENDPOINT)
     send_rolled_back(
@@ -149,8 +157,10 @@ def _report_discarded(settings: Settings, app: Flask, session: Session) -> None:
         " '@atomic' or call 'session.commit()'; set 'TXN_ON_DISCARD' to 'ignore' to"
         " silence this."
     )
-    if settings.on_discard == "raise":
+    if settings.on_discard == "raise" and not failed:
         raise PendingWritesError(message)
+    # After a failure the rollback is the expected outcome and the failure is the
+    # news: raising here would hide it behind this error, so only log.
     log.warning(message)
 
 
@@ -165,9 +175,14 @@ def _always_remove_at_teardown(app: Flask, ext: FlaskTxn) -> None:
     do_teardown: Callable[..., None] = app.do_teardown_appcontext
 
     def do_teardown_appcontext(*args: Any, **kwargs: Any) -> None:
+        # Flask passes the exception the context ends with; called bare, it looks
+        # at the one being handled, as Flask's own method does.
+        exc = args[0] if args else kwargs.get("exc", sys.exc_info()[1])
         try:
             do_teardown(*args, **kwargs)
-        finally:
-            ext._teardown(app)
+        except BaseException:
+            ext._teardown(app, failed=True)
+            raise
+        ext._teardown(app, failed=exc is not None)
 
     app.do_teardown_appcontext = do_teardown_appcontext  # type: ignore[method-assign]
