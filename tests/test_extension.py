@@ -183,6 +183,12 @@ BAD_CONFIG = [
         id="wait-initial-negative",
     ),
     pytest.param(
+        "TXN_RETRY_WAIT_INITIAL",
+        "0.1",
+        ["'TXN_RETRY_WAIT_INITIAL' must be a finite number of seconds >= 0, got '0.1'."],
+        id="wait-initial-str",
+    ),
+    pytest.param(
         "TXN_RETRY_WAIT_MAX",
         float("nan"),
         ["'TXN_RETRY_WAIT_MAX' must be a finite number of seconds >= 0, got nan."],
@@ -236,6 +242,37 @@ def test_bad_config_value_is_refused(
     """A bad TXN_* value raises ConfigError naming the key, the value and what is allowed."""
     with pytest.raises(ConfigError, match=exactly(*message)):
         init(sqlite_url, **{key: value})
+
+
+def _veto(response: object) -> bool:
+    return False
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "in_force"),
+    [
+        pytest.param("TXN_ISOLATION_LEVEL", "read_committed", "READ COMMITTED", id="isolation"),
+        pytest.param("TXN_ISOLATION_LEVEL", " Serializable ", "SERIALIZABLE", id="isolation-case"),
+        pytest.param("TXN_ROLLBACK_ON_STATUS", _veto, _veto, id="status-callable"),
+        pytest.param("TXN_ROLLBACK_ON_STATUS", None, None, id="status-off"),
+        pytest.param("TXN_RETRY_WAIT_MAX", 2, 2.0, id="seconds-int"),
+        pytest.param("TXN_RETRY_DEADLINE", None, None, id="deadline-off"),
+    ],
+)
+def test_good_config_value_is_accepted(
+    sqlite_url: str, key: str, value: object, in_force: object
+) -> None:
+    """A valid TXN_* value is accepted, with names of isolation levels normalised."""
+    app, txn = init(sqlite_url, **{key: value})
+    with app.app_context():
+        settings = txn.settings
+    attributes = {
+        "TXN_ISOLATION_LEVEL": settings.isolation,
+        "TXN_ROLLBACK_ON_STATUS": settings.rollback_on_status,
+        "TXN_RETRY_WAIT_MAX": settings.retry.wait_max,
+        "TXN_RETRY_DEADLINE": settings.retry.deadline,
+    }
+    assert attributes[key] == in_force
 
 
 def test_missing_database_uri_is_refused() -> None:
@@ -683,6 +720,32 @@ def test_discarded_writes_are_logged(discarding: Any, caplog: pytest.LogCaptureF
             " 'session.commit()'; set 'TXN_ON_DISCARD' to 'ignore' to silence this.",
         )
     ]
+
+
+def test_discarded_orm_statement_is_reported(make_app: AppFactory) -> None:
+    """An ORM insert() run through the session and never committed counts as a discarded write."""
+    app, txn = make_app(TXN_ON_DISCARD="raise")
+
+    @app.get("/insert")
+    def insert() -> str:
+        txn.session.execute(sa.insert(Item).values(name="inserted"))
+        return "ok"
+
+    with pytest.raises(PendingWritesError, match="endpoint 'insert'"):
+        app.test_client().get("/insert")
+
+
+def test_raw_sql_writes_are_discarded_unreported(make_app: AppFactory) -> None:
+    """Documented limit: a raw SQL string's write is rolled back at teardown without a report."""
+    app, txn = make_app(TXN_ON_DISCARD="raise")
+
+    @app.get("/raw")
+    def raw() -> str:
+        txn.session.execute(sa.text("INSERT INTO item (name, value) VALUES ('raw', 0)"))
+        return "ok"
+
+    app.test_client().get("/raw")
+    assert count_items(app, txn) == 0
 
 
 def test_read_only_request_is_not_reported(
