@@ -1,0 +1,218 @@
+"""The bank's HTTP API: two ways to transfer money, the numbers behind the page, the page."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from importlib import resources
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Blueprint, Response, current_app, request
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from flask_txn import AmbiguousCommitError, atomic, is_retryable, lock_rows, on_commit, sqlstate_of
+
+from .models import Account, Transfer, txn
+from .monitor import monitor
+
+bp = Blueprint("bank", __name__)
+
+#: Re-runs after a serialization failure, deadlock or busy database (11 attempts in all).
+RETRIES = 10
+MAX_AMOUNT = 1_000_000
+MAX_KEY_LENGTH = 200
+
+
+class InvalidTransfer(ValueError):
+    """The request cannot be a transfer; the message says which field is wrong and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Order:
+    """A transfer request, checked: who pays whom how much, under which idempotency key."""
+
+    key: str
+    source: int
+    target: int
+    amount: int
+
+    @classmethod
+    def from_request(cls) -> Order:
+        key = request.headers.get("Idempotency-Key", "")
+        if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
+            raise InvalidTransfer(
+                f"The 'Idempotency-Key' header must be 1 to {MAX_KEY_LENGTH} printable ASCII"
+                f" characters, got {key!r}. Send a new key (a UUID) for each transfer, and the"
+                " same key when you resend it."
+            )
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise InvalidTransfer(
+                f"The body must be a JSON object like {{'from': 1, 'to': 2, 'amount': 500}},"
+                f" got {request.get_data(as_text=True)[:100]!r}."
+            )
+        source = _whole_number(body, "from", 1, None, "an account id")
+        target = _whole_number(body, "to", 1, None, "an account id")
+        amount = _whole_number(body, "amount", 1, MAX_AMOUNT, "cents")
+        if source == target:
+            raise InvalidTransfer(
+                f"'from' and 'to' must be different accounts, got {source!r} for both."
+            )
+        return cls(key, source, target, amount)
+
+    def is_stored_as(self, transfer: Transfer) -> bool:
+        """True if ``transfer``, stored under this order's key, is this order."""
+        return (transfer.source_id, transfer.target_id, transfer.amount) == (
+            self.source,
+            self.target,
+            self.amount,
+        )
+
+
+def _whole_number(body: dict[str, Any], name: str, low: int, high: int | None, what: str) -> int:
+    value = body.get(name)
+    in_range = (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= low
+        and (high is None or value <= high)
+    )
+    if not in_range:
+        allowed = f">= {low}" if high is None else f"from {low} to {high}"
+        raise InvalidTransfer(f"{name!r} must be a whole number {allowed} ({what}), got {value!r}.")
+    return value  # type: ignore[return-value]
+
+
+@bp.post("/transfers")
+@atomic(isolation="SERIALIZABLE", retries=RETRIES)
+def transfer() -> Any:
+    """Move money; the database aborts one of two conflicting transfers and flask-txn re-runs it."""
+    order = Order.from_request()
+    accounts = [txn.session.get(Account, id_) for id_ in (order.source, order.target)]
+    return apply_once(order, {account.id: account for account in accounts if account})
+
+
+@bp.post("/transfers/locked")
+# isolation=None: the database's default level whatever TXN_ISOLATION_LEVEL says. That
+# is READ COMMITTED on PostgreSQL, where lock_rows makes transfers wait in line; on
+# SQLite, which has no row locks and no other level, it is SERIALIZABLE.
+@atomic(isolation=None, retries=RETRIES)
+def transfer_locked() -> Any:
+    """Move money; lock both accounts first, in id order, so that transfers wait instead."""
+    order = Order.from_request()
+    return apply_once(order, lock_rows(Account, [order.source, order.target]))
+
+
+def apply_once(order: Order, accounts: dict[int, Account]) -> Any:
+    """Apply ``order`` once: replay the stored result if its key was seen, else move the money."""
+    done = txn.session.scalar(sa.select(Transfer).where(Transfer.key == order.key))
+    if done is not None:
+        if not order.is_stored_as(done):
+            return {
+                "error": f"The 'Idempotency-Key' {order.key!r} was already used for another"
+                f" transfer ({done.amount} from {done.source_id} to {done.target_id}). Use a"
+                " new key for a new transfer."
+            }, 422
+        return done.as_json(), 201, {"Idempotent-Replayed": "true"}
+    missing = sorted({order.source, order.target} - set(accounts))
+    if missing:
+        return {"error": f"No account {missing[0]!r}."}, 404
+    source, target = accounts[order.source], accounts[order.target]
+    if source.balance < order.amount:
+        # A 4xx response: flask-txn rolls back (the commit veto). Nothing was written anyway.
+        short = f"Account {source.id} has {source.balance}, less than {order.amount}."
+        return {"error": short}, 409
+    source.balance -= order.amount
+    target.balance += order.amount
+    done = Transfer(key=order.key, source_id=source.id, target_id=target.id, amount=order.amount)
+    txn.session.add(done)
+    txn.session.flush()  # assigns done.id
+    message = f"Transfer {done.id}: {done.amount} from {source.id} to {target.id}."
+    # Runs once, after COMMIT; never for an attempt that is rolled back and re-run.
+    on_commit(functools.partial(monitor().notify, message))
+    return done.as_json(), 201
+
+
+@bp.errorhandler(InvalidTransfer)
+def invalid_transfer(exc: InvalidTransfer) -> Any:
+    return {"error": str(exc)}, 400
+
+
+@bp.errorhandler(AmbiguousCommitError)
+def ambiguous_commit(exc: AmbiguousCommitError) -> Any:
+    return {
+        "error": "The database connection was lost during COMMIT: the transfer may or may"
+        " not have been made. Resend it with the same 'Idempotency-Key' to find out."
+    }, 503
+
+
+@bp.errorhandler(DBAPIError)
+def database_error(exc: DBAPIError) -> Any:
+    code = sqlstate_of(exc)
+    if is_retryable(exc):
+        # Every attempt met a conflict: the client may resend, with the same key.
+        busy = (
+            f"The database stayed busy (SQLSTATE {code}) for {RETRIES + 1} attempts."
+            " Resend the transfer with the same 'Idempotency-Key'."
+        )
+        return {"error": busy}, 503, {"Retry-After": "1"}
+    if isinstance(exc, IntegrityError):
+        # The unique key: a concurrent request with the same key but other accounts
+        # got there first (under SERIALIZABLE this shows as a retried 40001 instead).
+        return {
+            "error": f"The transfer conflicts with another one (SQLSTATE {code}). Resend it"
+            " with the same 'Idempotency-Key' to see what was stored."
+        }, 409
+    current_app.logger.exception("Database error, SQLSTATE %s", code)
+    return {"error": f"Database error (SQLSTATE {code})."}, 500
+
+
+@bp.get("/stats")
+def stats() -> Any:
+    """Counters, balances and the reconciliation of every account, as JSON."""
+    credits = (
+        sa.select(sa.func.coalesce(sa.func.sum(Transfer.amount), 0))
+        .where(Transfer.target_id == Account.id)
+        .scalar_subquery()
+    )
+    debits = (
+        sa.select(sa.func.coalesce(sa.func.sum(Transfer.amount), 0))
+        .where(Transfer.source_id == Account.id)
+        .scalar_subquery()
+    )
+    transfers = sa.select(sa.func.count(Transfer.id)).scalar_subquery()
+    # One statement, so one snapshot: balances and ledger agree on every database.
+    columns = (Account.id, Account.opening, Account.balance, credits, debits, transfers)
+    rows = txn.session.execute(sa.select(*columns).order_by(Account.id)).all()
+    accounts = [
+        {
+            "id": id_,
+            "opening": opening,
+            "balance": balance,
+            "credits": credit,
+            "debits": debit,
+            "reconciled": balance == opening + credit - debit,
+        }
+        for id_, opening, balance, credit, debit, _ in rows
+    ]
+    return {
+        "database": txn.engine.dialect.name,
+        "transactions": monitor().snapshot(),
+        "accounts": accounts,
+        "transfers": rows[0][5] if rows else 0,
+        "total": sum(account["balance"] for account in accounts),
+        "opening_total": sum(account["opening"] for account in accounts),
+    }
+
+
+@bp.get("/")
+def dashboard() -> Response:
+    """The live page: everything inline, so the policy forbids loading anything else."""
+    page = resources.files(__package__).joinpath("dashboard.html").read_text(encoding="utf-8")
+    response = Response(page, mimetype="text/html")
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
+        " connect-src 'self'; form-action 'none'; base-uri 'none'"
+    )
+    return response
