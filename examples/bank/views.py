@@ -213,6 +213,6 @@ def dashboard() -> Response:
     response = Response(page, mimetype="text/html")
     response.headers["Content-Security-Policy"] = (
         "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
-        " connect-src 'self'; form-action 'none'; base-uri 'none'"
+        " img-src data:; connect-src 'self'; form-action 'none'; base-uri 'none'"
     )
     return response
