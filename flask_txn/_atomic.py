@@ -31,6 +31,7 @@ from ._config import (
     RetryPolicy,
     Settings,
     StatusVeto,
+    check_dialect_isolation,
     check_isolation,
     check_retries,
     check_seconds,
@@ -45,7 +46,7 @@ from ._errors import (
     UsageError,
 )
 from ._retry import AMBIGUOUS_SQLSTATE, backoff, is_disconnect, is_retryable, sqlstate_of
-from ._session import current_app_object, has_pending_writes
+from ._session import SQLITE_BEGIN, current_app_object, has_pending_writes
 
 if TYPE_CHECKING:
     from ._extension import FlaskTxn, _State
@@ -60,7 +61,6 @@ _UNSET: Any = object()
 #: libpq's PQTRANS_INERROR, reported by psycopg2 and psycopg 3 alike.
 _TRANSACTION_IN_ERROR = 3
 _POSTGRESQL_ONLY = ("readonly", "deferrable", "statement_timeout", "lock_timeout")
-_SQLITE_LEVELS = ("SERIALIZABLE", "READ UNCOMMITTED")
 
 #: Options that shape the retry loop: only an outermost decorated function has one.
 _RETRY_OPTIONS = frozenset({"retries", "wait_initial", "wait_max", "deadline", "retry_on"})
@@ -78,12 +78,14 @@ class _Transaction:
     __slots__ = (
         "attempt",
         "callbacks",
+        "committing",
         "doomed",
         "engine",
         "frames",
         "isolation",
         "last_error",
         "options",
+        "root",
         "savepoint_ids",
         "session",
         "started",
@@ -107,6 +109,10 @@ class _Transaction:
         #: the first retriable error seen, even if user code caught it.
         self.doomed: BaseException | None = None
         self.last_error: BaseException | None = None
+        #: the session's transaction this block began, and whether the block
+        #: itself is committing it (any other commit is user code's mistake).
+        self.root: Any = None
+        self.committing = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,6 +126,7 @@ class _Options:
     lock_timeout: float | None
     policy: RetryPolicy
     veto: StatusVeto
+    sqlite_begin: str | None
 
 
 _savepoint_ids = itertools.count(1)
@@ -271,7 +278,7 @@ class Atomic:
         args: Any,
         kwargs: Any,
     ) -> R:
-        options = self._options(state.settings, retrying=True)
+        options = self._options(state, retrying=True)
         policy = options.policy
         _prepare(session, state.engine, options)
         started = time.perf_counter()
@@ -348,7 +355,7 @@ class Atomic:
             self._check_nested(txn)
             _Savepoint(txn).__enter__()
             return session
-        options = self._options(state.settings, retrying=False)
+        options = self._options(state, retrying=False)
         _prepare(session, state.engine, options)
         txn = _Transaction(session, state.engine, options, 1, time.perf_counter())
         token = _current.set(txn)
@@ -413,7 +420,8 @@ class Atomic:
                 )
         return extension._get_state()
 
-    def _options(self, settings: Settings, *, retrying: bool) -> _Options:
+    def _options(self, state: _State, *, retrying: bool) -> _Options:
+        settings = state.settings
         default = settings.retry
         if retrying:
             policy = RetryPolicy(
@@ -443,6 +451,7 @@ class Atomic:
             lock_timeout=self.lock_timeout,
             policy=policy,
             veto=settings.rollback_on_status,
+            sqlite_begin=settings.sqlite_begin if state.engine.dialect.name == "sqlite" else None,
         )
 
     def _check_nested(self, txn: _Transaction) -> None:
@@ -532,18 +541,14 @@ def _prepare(session: Session, engine: Engine, options: _Options) -> None:
 def _begin(txn: _Transaction) -> None:
     """Start the outermost transaction with its options applied before any statement."""
     session = txn.session
-    session.begin()
+    txn.root = session.begin()
     session.info[_TXN] = txn
     _apply_options(session, txn.options)
 
 
 def _check_dialect(engine: Engine, options: _Options) -> None:
     dialect = engine.dialect.name
-    if dialect == "sqlite" and options.isolation not in (None, *_SQLITE_LEVELS):
-        raise ConfigError(
-            f"isolation {options.isolation!r} is not supported by SQLite; it offers"
-            " 'SERIALIZABLE' (its default) and 'READ UNCOMMITTED'."
-        )
+    check_dialect_isolation("isolation", options.isolation, dialect)
     if dialect != "postgresql":
         for name in _POSTGRESQL_ONLY:
             value = getattr(options, name)
@@ -558,6 +563,10 @@ def _apply_options(session: Session, options: _Options) -> None:
     if session.info.get(JOINED):
         return  # flask_txn.testing documents that the test's transaction rules.
     execution_options: dict[str, Any] = {}
+    if options.sqlite_begin is not None:
+        # Writers queue on SQLite's busy timeout at BEGIN instead of failing
+        # with SQLITE_BUSY when a read lock cannot be upgraded mid-transaction.
+        execution_options[SQLITE_BEGIN] = options.sqlite_begin
     if options.isolation is not None:
         execution_options["isolation_level"] = options.isolation
     if options.readonly:
@@ -597,6 +606,14 @@ def _commit(txn: _Transaction) -> BaseException | None:
         session.flush()
     except Exception as exc:
         return exc
+    if session.get_transaction() is not txn.root:
+        return UsageError(
+            "The transaction was rolled back inside the atomic block (session.rollback()"
+            " or session.close()), so the writes made before that are lost and those"
+            " made after it would be committed alone. Do not end the session's"
+            " transaction inside a block: raise instead, or use a nested 'atomic'"
+            " block to undo part of the work."
+        )
     if txn.last_error is not None and _aborted(session):
         error = TransactionAbortedError(
             "A database error aborted this transaction, but the function caught it and"
@@ -605,6 +622,7 @@ def _commit(txn: _Transaction) -> BaseException | None:
         )
         error.__cause__ = txn.last_error
         return error
+    txn.committing = True
     try:
         session.commit()
     except Exception as exc:
@@ -622,6 +640,18 @@ def _commit(txn: _Transaction) -> BaseException | None:
             raise ambiguous from exc
         return exc
     return None
+
+
+def refuse_inner_commit(session: Session) -> None:
+    """``before_commit`` listener: only the outermost block commits its transaction."""
+    txn: _Transaction | None = session.info.get(_TXN)
+    if txn is not None and not txn.committing and session.get_nested_transaction() is None:
+        raise UsageError(
+            "'session.commit()' was called inside an atomic block. The block commits"
+            " when it ends; committing earlier would make part of its work permanent"
+            " even if the rest fails. Remove the call, or use 'session.flush()' to send"
+            " the changes to the database without committing."
+        )
 
 
 def _aborted(session: Session) -> bool:

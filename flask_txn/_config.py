@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import random
 import re
@@ -23,6 +24,9 @@ from ._errors import ConfigError
 ISOLATION_LEVELS = ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 SCOPES = ("thread", "app_context")
 DISCARD_POLICIES = ("warn", "ignore", "raise")
+SQLITE_BEGIN_MODES = ("IMMEDIATE", "DEFERRED", "EXCLUSIVE")
+#: The isolation levels each dialect offers, where it is not all four.
+DIALECT_LEVELS = {"sqlite": ("SERIALIZABLE", "READ UNCOMMITTED")}
 
 Scope = Literal["thread", "app_context"] | Callable[[], Any]
 DiscardPolicy = Literal["warn", "ignore", "raise"]
@@ -44,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "TXN_ROLLBACK_ON_STATUS": 400,
     "TXN_RETRY_SLEEP": time.sleep,
     "TXN_RETRY_RANDOM": random.random,
+    "TXN_SQLITE_BEGIN": "IMMEDIATE",
 }
 
 OPTION_NAMES = {key.removeprefix("TXN_").lower(): key for key in DEFAULTS}
@@ -80,6 +85,7 @@ class Settings:
     rollback_on_status: StatusVeto
     sleep: Callable[[float], object]
     random: Callable[[], float]
+    sqlite_begin: str
 
 
 def hide_password(value: object) -> str:
@@ -103,6 +109,7 @@ def options_to_config(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def read_settings(config: Mapping[str, Any]) -> Settings:
     """Validate the app's ``TXN_*`` keys (defaults already filled in)."""
+    _refuse_unknown_keys(config)
     wait_initial = check_seconds("TXN_RETRY_WAIT_INITIAL", config["TXN_RETRY_WAIT_INITIAL"])
     wait_max = check_seconds("TXN_RETRY_WAIT_MAX", config["TXN_RETRY_WAIT_MAX"])
     check_wait_order("TXN_RETRY_WAIT_MAX", wait_initial, wait_max)
@@ -126,7 +133,41 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
         rollback_on_status=_check_status_veto(config["TXN_ROLLBACK_ON_STATUS"]),
         sleep=_check_callable("TXN_RETRY_SLEEP", config["TXN_RETRY_SLEEP"], "time.sleep"),
         random=_check_callable("TXN_RETRY_RANDOM", config["TXN_RETRY_RANDOM"], "random.random"),
+        sqlite_begin=_check_choice(
+            "TXN_SQLITE_BEGIN", _upper(config["TXN_SQLITE_BEGIN"]), SQLITE_BEGIN_MODES
+        ),
     )
+
+
+def _refuse_unknown_keys(config: Mapping[str, Any]) -> None:
+    """A misspelt key would silently leave its default in force."""
+    for key in config:
+        if key.startswith("TXN_") and key not in DEFAULTS:
+            close = difflib.get_close_matches(key, DEFAULTS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"Unknown config key {key!r}: flask-txn reads only"
+                f" {', '.join(repr(k) for k in DEFAULTS)}.{hint}"
+            )
+
+
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+def check_dialect_isolation(name: str, level: str | None, dialect: str) -> None:
+    """Refuse an isolation level the database does not offer.
+
+    :param name: the argument or config key that set the level.
+    :param level: a normalised level, or None for the database's default.
+    :param dialect: SQLAlchemy's dialect name, e.g. ``"sqlite"``.
+    """
+    offered = DIALECT_LEVELS.get(dialect, ISOLATION_LEVELS)
+    if level is not None and level not in offered:
+        raise ConfigError(
+            f"{name!r} is {level!r}, which {dialect!r} does not support; it offers"
+            f" {', '.join(repr(o) for o in offered)}."
+        )
 
 
 def check_isolation(name: str, value: object) -> str | None:

@@ -17,8 +17,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.util import ScopedRegistry
 
 from . import _session
-from ._atomic import Atomic, decorate_or_open, record_error
-from ._config import DEFAULTS, Settings, hide_password, options_to_config, read_settings
+from ._atomic import Atomic, decorate_or_open, record_error, refuse_inner_commit
+from ._config import (
+    DEFAULTS,
+    Settings,
+    check_dialect_isolation,
+    hide_password,
+    options_to_config,
+    read_settings,
+)
 from ._errors import PendingWritesError, UsageError
 from ._signals import send_rolled_back
 
@@ -72,8 +79,10 @@ class FlaskTxn:
             app.config.setdefault(key, dict(value) if isinstance(value, dict) else value)
         settings = read_settings(app.config)
         engine = _session.make_engine(settings)
+        check_dialect_isolation("TXN_ISOLATION_LEVEL", settings.isolation, engine.dialect.name)
         event.listen(engine, "handle_error", record_error)
         factory = _session.make_sessionmaker(engine, settings)
+        event.listen(factory, "before_commit", refuse_inner_commit)
         self._states[app] = _State(
             settings, engine, factory, _session.make_registry(factory, settings.scope)
         )

@@ -65,6 +65,11 @@ def _dialect_defaults(url: URL) -> dict[str, Any]:
     return {"pool_pre_ping": True}
 
 
+#: Connection execution option: the kind of SQLite BEGIN for this transaction
+#: ("IMMEDIATE" takes the write lock at once; atomic blocks set it).
+SQLITE_BEGIN = "flask_txn_sqlite_begin"
+
+
 def _use_sqlite_transactions(engine: Engine) -> None:
     """Make pysqlite emit BEGIN itself, so SAVEPOINT and isolation work (SQLAlchemy's recipe)."""
 
@@ -74,7 +79,9 @@ def _use_sqlite_transactions(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(connection: sa.Connection) -> None:
-        connection.exec_driver_sql("BEGIN")
+        # A validated keyword (TXN_SQLITE_BEGIN), never user text.
+        mode = connection.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
 
 
 def make_sessionmaker(engine: Engine, settings: Settings) -> sessionmaker[Session]:

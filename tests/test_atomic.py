@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import pytest
@@ -618,7 +619,10 @@ def test_repr_shows_explicit_options() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"isolation": "READ COMMITTED"}, r"isolation 'READ COMMITTED' is not supported by SQLite"),
+        (
+            {"isolation": "READ COMMITTED"},
+            r"'isolation' is 'READ COMMITTED', which 'sqlite' does not support; it offers",
+        ),
         ({"readonly": True}, r"readonly=True needs PostgreSQL; the database is 'sqlite'"),
         ({"statement_timeout": 1}, r"statement_timeout=1.0 needs PostgreSQL"),
     ],
@@ -630,3 +634,77 @@ def test_options_sqlite_cannot_honour(
     app, _txn = make_app(sqlite_url)
     with app.app_context(), pytest.raises(ConfigError, match=message), atomic(**options):
         raise AssertionError("must not run")
+
+
+def test_commit_inside_a_block_is_refused(app_txn: Any) -> None:
+    """``session.commit()`` inside a block raises; nothing of the block is committed."""
+    app, txn = app_txn
+
+    @atomic
+    def early_commit() -> None:
+        txn.session.add(Item(name="half"))
+        txn.session.commit()
+
+    with app.app_context(), pytest.raises(UsageError, match=r"'session.commit\(\)' was called"):
+        early_commit()
+    assert names(app, txn) == []
+
+
+def test_savepoints_the_user_opens_may_commit(app_txn: Any) -> None:
+    """Releasing a savepoint of one's own (``begin_nested().commit()``) is allowed."""
+    app, txn = app_txn
+    with app.app_context(), atomic():
+        savepoint = txn.session.begin_nested()
+        txn.session.add(Item(name="in savepoint"))
+        savepoint.commit()
+    assert names(app, txn) == ["in savepoint"]
+
+
+def test_rollback_inside_a_block_commits_nothing(app_txn: Any) -> None:
+    """Ending the transaction inside a block raises instead of committing what came after."""
+    app, txn = app_txn
+
+    @atomic
+    def rollback_midway() -> None:
+        txn.session.add(Item(name="lost by the rollback"))
+        txn.session.flush()
+        txn.session.rollback()
+        txn.session.add(Item(name="would be committed alone"))
+
+    with app.app_context(), pytest.raises(UsageError, match="rolled back inside the atomic block"):
+        rollback_midway()
+    assert names(app, txn) == []
+
+
+def test_sqlite_writers_queue_instead_of_failing(make_app: Any, sqlite_url: str) -> None:
+    """With BEGIN IMMEDIATE, concurrent read-modify-write blocks never need a retry."""
+    app, txn = make_app(sqlite_url, TXN_RETRIES=0)
+    threads_count, increments = 4, 25
+    with app.app_context(), atomic():
+        txn.session.add(Item(id=1, name="counter"))
+    start = threading.Barrier(threads_count, timeout=30)
+    errors: list[BaseException] = []
+
+    @atomic
+    def increment() -> None:
+        item = txn.session.get(Item, 1)
+        item.value += 1
+
+    def work() -> None:
+        start.wait()
+        try:
+            with app.app_context():
+                for _ in range(increments):
+                    increment()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    with app.app_context():
+        assert txn.session.get(Item, 1).value == threads_count * increments
+        txn.session.remove()

@@ -232,6 +232,30 @@ BAD_CONFIG = [
         ["'TXN_RETRY_RANDOM' must be a callable like random.random, got 0.5."],
         id="random",
     ),
+    pytest.param(
+        "TXN_SQLITE_BEGIN",
+        "LAZY",
+        ["'TXN_SQLITE_BEGIN' must be one of 'IMMEDIATE', 'DEFERRED', 'EXCLUSIVE', got 'LAZY'."],
+        id="sqlite-begin",
+    ),
+    pytest.param(
+        "TXN_ISOLATION_LEVEL",
+        "REPEATABLE READ",
+        [
+            "'TXN_ISOLATION_LEVEL' is 'REPEATABLE READ', which 'sqlite' does not support; it"
+            " offers 'SERIALIZABLE', 'READ UNCOMMITTED'."
+        ],
+        id="isolation-not-offered",
+    ),
+    pytest.param(
+        "TXN_RETRY",
+        3,
+        [
+            "Unknown config key 'TXN_RETRY': flask-txn reads only 'TXN_DATABASE_URI',",
+            "'TXN_SQLITE_BEGIN'. Did you mean 'TXN_RETRIES'?",
+        ],
+        id="unknown-key",
+    ),
 ]
 
 
@@ -251,7 +275,7 @@ def _veto(response: object) -> bool:
 @pytest.mark.parametrize(
     ("key", "value", "in_force"),
     [
-        pytest.param("TXN_ISOLATION_LEVEL", "read_committed", "READ COMMITTED", id="isolation"),
+        pytest.param("TXN_ISOLATION_LEVEL", "read_uncommitted", "READ UNCOMMITTED", id="isolation"),
         pytest.param("TXN_ISOLATION_LEVEL", " Serializable ", "SERIALIZABLE", id="isolation-case"),
         pytest.param("TXN_ROLLBACK_ON_STATUS", _veto, _veto, id="status-callable"),
         pytest.param("TXN_ROLLBACK_ON_STATUS", None, None, id="status-off"),

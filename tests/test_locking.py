@@ -484,15 +484,37 @@ def test_row_locks_taken_in_a_rolled_back_savepoint_are_released(
 
 
 @on_sqlite
-def test_lock_rows_on_sqlite_takes_no_row_lock(locking_app: App, outside: sa.Engine) -> None:
-    """SQLite has no row locks: another client can still start writing the 'locked' row."""
+def test_lock_rows_on_sqlite_relies_on_the_database_lock(
+    locking_app: App, outside: sa.Engine
+) -> None:
+    """SQLite has no row locks: the block's BEGIN IMMEDIATE keeps every other writer out."""
     app, _ = locking_app
     with app.app_context(), atomic():
         assert list(lock_rows(Item, [2, 1])) == [1, 2]
         with outside.connect() as connection:
-            result = connection.execute(sa.update(Item).where(Item.id == 1).values(value=5))
-            assert result.rowcount == 1
+            connection.exec_driver_sql("PRAGMA busy_timeout = 0")
+            with pytest.raises(sa.exc.OperationalError, match="database is locked"):
+                connection.execute(sa.update(Item).where(Item.id == 3).values(value=5))
             connection.rollback()
+
+
+@on_sqlite
+def test_lock_rows_on_sqlite_deferred_takes_no_lock(
+    make_app: Any, sqlite_url: str, outside: sa.Engine
+) -> None:
+    """With TXN_SQLITE_BEGIN='DEFERRED' the rows stay writable by another client."""
+    app, txn = make_app(sqlite_url, TXN_SQLITE_BEGIN="deferred")
+    with app.app_context():
+        LockBase.metadata.create_all(txn.engine)
+        with atomic():
+            txn.session.add(Item(id=1, name="one"))
+        with atomic():
+            lock_rows(Item, [1])
+            with outside.connect() as connection:
+                connection.exec_driver_sql("PRAGMA busy_timeout = 0")
+                result = connection.execute(sa.update(Item).where(Item.id == 1).values(value=5))
+                assert result.rowcount == 1
+                connection.rollback()
 
 
 @on_sqlite
