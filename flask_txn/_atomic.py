@@ -29,7 +29,6 @@ from werkzeug.wrappers import Response
 from . import _signals
 from ._config import (
     RetryPolicy,
-    Settings,
     StatusVeto,
     check_dialect_isolation,
     check_isolation,
@@ -285,7 +284,7 @@ class Atomic:
         if policy.retries and has_request_context():
             # Every attempt must be able to read the body again.
             request.get_data(cache=True)
-        for attempt in itertools.count(1):
+        for attempt in itertools.count(1):  # pragma: no branch - left by return or raise
             txn = _Transaction(session, state.engine, options, attempt, started)
             token = _current.set(txn)
             try:

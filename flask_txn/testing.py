@@ -266,9 +266,13 @@ def _raise_from_database(session: Session, code: str | None) -> None:
             f"DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE ="
             " 'injected by flask_txn.testing'; END $$"
         )
-        return
-    # SQLite refuses to drop a table that a statement of the same connection is
-    # still reading: a real SQLITE_LOCKED, with no other connection involved.
+    else:
+        _raise_sqlite_locked(connection)
+
+
+def _raise_sqlite_locked(connection: Connection) -> None:
+    """SQLite refuses to drop a table that a statement of the same connection is
+    still reading: a real SQLITE_LOCKED, with no other connection involved."""
     connection.exec_driver_sql("CREATE TEMP TABLE IF NOT EXISTS flask_txn_fault (x)")
     connection.exec_driver_sql("INSERT INTO temp.flask_txn_fault VALUES (1), (2)")
     reading = connection.exec_driver_sql("SELECT x FROM temp.flask_txn_fault")

@@ -708,3 +708,146 @@ def test_sqlite_writers_queue_instead_of_failing(make_app: Any, sqlite_url: str)
     with app.app_context():
         assert txn.session.get(Item, 1).value == threads_count * increments
         txn.session.remove()
+
+
+def test_errors_outside_blocks_and_on_other_engines_do_not_doom(app_txn: Any) -> None:
+    """Only errors of the block's own engine, inside the block, count against it."""
+    app, txn = app_txn
+    other = sa.create_engine("sqlite://")
+    try:
+        with app.app_context():
+            with pytest.raises(sa.exc.DBAPIError):
+                txn.session.execute(sa.text("SELECT * FROM no_such_table"))
+            txn.session.rollback()
+            with atomic():
+                txn.session.add(Item(name="kept"))
+                with other.connect() as connection, pytest.raises(sa.exc.OperationalError):
+                    connection.execute(sa.text("SELECT * FROM no_such_table"))
+    finally:
+        other.dispose()
+    assert names(app, txn) == ["kept"]
+
+
+def test_retriable_error_raised_outside_the_engine_is_retried(app_txn: Any) -> None:
+    """A retriable driver error that never went through the engine (1213) still retries."""
+    app, _ = app_txn
+    deadlock = type("OperationalError", (Exception,), {"__module__": "pymysql.err"})
+    calls = []
+
+    @atomic(retries=1, wait_initial=0)
+    def work() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise deadlock(1213, "Deadlock found when trying to get lock")
+
+    with app.app_context():
+        work()
+    assert len(calls) == 2
+
+
+def test_block_that_cannot_begin_sends_rollback_and_leaves_no_state() -> None:
+    """A failure while starting a ``with`` block signals a rollback and leaves no block open."""
+    from flask import Flask
+
+    from flask_txn import FlaskTxn, transaction_rolled_back
+
+    app = Flask("unreachable")
+    app.config["TXN_DATABASE_URI"] = "postgresql+psycopg2://nobody@127.0.0.1:1/none"
+    txn = FlaskTxn(app)
+    reasons = []
+    with (
+        transaction_rolled_back.connected_to(lambda _, **p: reasons.append(p["reason"])),
+        app.app_context(),
+    ):
+        with pytest.raises(sa.exc.OperationalError), atomic(isolation="SERIALIZABLE"):
+            raise AssertionError("must not run")
+        with pytest.raises(UsageError, match="outside of an atomic block"):
+            on_commit(lambda: None)
+        txn.session.remove()
+        txn.engine.dispose()
+    assert reasons == ["error"]
+
+
+def test_session_removed_inside_a_block_is_an_error(app_txn: Any) -> None:
+    """Removing the session inside a ``with`` block loses the transaction: say so."""
+    app, txn = app_txn
+    with (
+        app.app_context(),
+        pytest.raises(UsageError, match="removed or closed inside a 'with atomic\\(\\)' block"),
+        atomic(),
+    ):
+        txn.session.remove()
+
+
+def test_deferrable_needs_serializable_in_force(app_txn: Any) -> None:
+    """``deferrable=True`` with the database's default level fails at entry."""
+    app, _ = app_txn
+    with (
+        app.app_context(),
+        pytest.raises(ConfigError, match="the level in force is None"),
+        atomic(readonly=True, deferrable=True),
+    ):
+        pass
+
+
+def test_isolation_on_a_session_bound_to_a_connection_is_refused(app_txn: Any) -> None:
+    """A session the user bound to an open connection cannot get a new isolation level."""
+    app, txn = app_txn
+    with app.app_context(), txn.engine.connect() as connection:
+        txn.session(bind=connection)
+        try:
+            with (
+                pytest.raises(UsageError, match="session is bound to a connection"),
+                atomic(isolation="SERIALIZABLE"),
+            ):
+                pass
+        finally:
+            txn.session.remove()
+
+
+def test_failed_rollback_is_logged_and_the_session_closed(
+    app_txn: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If the rollback itself fails, the original error still propagates."""
+    app, txn = app_txn
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("rollback hook failed")
+
+    with app.app_context():
+        session = txn.session()
+        sa.event.listen(session, "after_soft_rollback", broken)
+        with pytest.raises(KeyError), atomic():
+            txn.session.add(Item(name="x"))
+            raise KeyError
+        sa.event.remove(session, "after_soft_rollback", broken)
+    assert "Rollback failed; closing the session." in caplog.text
+    assert names(app, txn) == []
+
+
+def test_veto_reads_the_status_of_a_response_with_headers(app_txn: Any) -> None:
+    """A ``(response, headers)`` tuple is judged by the response's own status."""
+    app, txn = app_txn
+
+    @app.post("/")
+    @atomic
+    def add() -> Any:
+        txn.session.add(Item(name="x"))
+        return app.response_class("conflict", status=409), {"X-Reason": "taken"}
+
+    assert app.test_client().post("/").status_code == 409
+    assert names(app, txn) == []
+
+
+def test_veto_reads_a_status_line(app_txn: Any) -> None:
+    """A status given as text ("404 NOT FOUND") is read for the veto."""
+    app, txn = app_txn
+
+    @app.post("/")
+    @atomic
+    def add() -> Any:
+        txn.session.add(Item(name="x"))
+        return "missing", "404 NOT FOUND"
+
+    assert app.test_client().post("/").status_code == 404
+    assert names(app, txn) == []

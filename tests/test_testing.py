@@ -130,11 +130,19 @@ def test_rollback_isolation_between_tests(inner: Any) -> None:
             assert client.post("/authors/ann").status_code == 200
             assert authors() == []  # another connection: the commit is a savepoint release
 
-        def test_b(txn_rollback, client):
+        def test_b(txn_rollback, client, txn_signals, txn_queries):
             assert client.get("/books").json == {}
             assert authors() == []
+            assert txn_queries.count == 2  # the view's SELECT and authors()'s
+            client.post("/authors/bo")
+            txn_signals.clear()
+            assert txn_signals.events == []
+
+        def test_c(txn_rollback, client):
+            client.post("/authors/cat")
+            txn_rollback.rollback()  # the test may end the transaction itself
         """,
-        passed=2,
+        passed=3,
     )
 
 
@@ -239,6 +247,10 @@ def test_captured_callbacks_run_only_on_request(inner: Any) -> None:
             txn_on_commit.run()
             assert SENT == ["welcome cy"]
             assert len(txn_on_commit) == 0
+            txn_on_commit.execute = True  # run at commit too, as in production
+            client.post("/authors/dan")
+            assert SENT == ["welcome cy", "welcome dan"]
+            assert len(txn_on_commit) == 1
         """,
         passed=1,
     )
