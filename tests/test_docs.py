@@ -14,8 +14,10 @@ DOCS = ROOT / "docs"
 
 DEMO_COMMAND = (
     "python3 -m venv .venv && .venv/bin/pip install -e . &&"
-    " .venv/bin/flask --app examples/minimal/app.py run"
+    " .venv/bin/flask --app examples/bank/app.py run"
 )
+#: What the README and the quick start tell a newcomer to run next, against the demo.
+LOAD_COMMAND = ".venv/bin/python examples/bank/load.py http://127.0.0.1:5000"
 
 
 def _read(path: Path) -> str:
@@ -83,3 +85,20 @@ def test_readme_starts_with_the_two_commands() -> None:
     quickstart = _read(DOCS / "quickstart.md")
     assert DEMO_COMMAND in quickstart
     assert test_command in quickstart
+
+
+def test_readme_and_quickstart_give_the_load_command() -> None:
+    """Both tell a newcomer how to put the running demo under load."""
+    assert LOAD_COMMAND in _read(ROOT / "README.md")
+    assert LOAD_COMMAND in _read(DOCS / "quickstart.md")
+
+
+def test_example_files_named_in_readme_and_quickstart_exist() -> None:
+    """Every examples/... path the README or the quick start names is a file in the repo."""
+    named = {
+        path
+        for page in (ROOT / "README.md", DOCS / "quickstart.md")
+        for path in re.findall(r"examples/[\w/]+\.py", _read(page))
+    }
+    assert "examples/bank/app.py" in named
+    assert sorted(path for path in named if not (ROOT / path).is_file()) == []

@@ -337,15 +337,13 @@ def summarize(
     retried = _by_code(after, "retried")
     retried.subtract(_by_code(before, "retried"))
     retries = {code: n for code, n in sorted(retried.items()) if n}
+    by_status = ", ".join(f"{status}: {n}" for status, n in sorted(refused.items()))
+    by_code = ", ".join(f"SQLSTATE {code}: {n}" for code, n in retries.items())
     lines = [
-        f"committed {committed}, replayed {replayed} (a second copy of a key got the first's"
-        " result)",
-        "refused "
-        + (", ".join(f"{n} x {status}" for status, n in sorted(refused.items())) or "0")
-        + " (409: not enough money)",
+        f"committed {committed}, replayed {replayed} (a copy of a key got the first's result)",
+        f"refused {refused.total()}" + (f" ({by_status})" if by_status else ""),
         f"failed {failed}",
-        f"retried {sum(retries.values())}"
-        + "".join(f", SQLSTATE {code}: {n}" for code, n in retries.items()),
+        f"retried {sum(retries.values())}" + (f" ({by_code})" if by_code else ""),
     ]
     for outcome in [o for o in outcomes if o.status >= 500][:5]:
         lines.append(f"  {outcome.status}: {outcome.body}")
