@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import runpy
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,13 @@ def signal_docstring(
     lines[:] = docs[("", name.rpartition(".")[2])]
 
 
+def make_plots(app: Sphinx) -> None:
+    """Draw the plots the pages show, from the code they describe (docs/plots/*.py)."""
+    for script in sorted((Path(__file__).resolve().parent / "plots").glob("*.py")):
+        runpy.run_path(str(script))["main"]()
+
+
 def setup(app: Sphinx) -> None:
-    """Register the docstring hook."""
+    """Register the docstring hook and the plots."""
     app.connect("autodoc-process-docstring", signal_docstring)
+    app.connect("builder-inited", make_plots)
