@@ -36,7 +36,8 @@ LOCKING_URL = "postgresql+psycopg2://localhost/app"
 
 def blocks(page: str) -> list[str]:
     """The ```python blocks of ``docs/<page>.md``, dedented (some sit in list items)."""
-    text = (DOCS / f"{page}.md").read_text(encoding="utf-8")
+    path = DOCS.parent / "README.md" if page == "README" else DOCS / f"{page}.md"
+    text = path.read_text(encoding="utf-8")
     found = re.findall(r"^( *)```python\n(.*?)^\1```", text, re.DOTALL | re.MULTILINE)
     return ["\n".join(line[len(indent) :] for line in code.splitlines()) for indent, code in found]
 
@@ -55,7 +56,8 @@ def run_page(page: str, namespace: dict[str, Any], replace: dict[str, str] | Non
                 code = code.replace(old, new)
             # dont_inherit: this module's `from __future__ import annotations` would turn
             # the blocks' annotations into strings SQLAlchemy must resolve in __main__.
-            source = compile(code, f"docs/{page}.md, block {number}", "exec", dont_inherit=True)
+            name = f"{page}.md, block {number}"
+            source = compile(code, name, "exec", dont_inherit=True)
             exec(source, namespace)
 
 
@@ -86,6 +88,13 @@ class Tag(PreludeBase):
     id: Mapped[int] = mapped_column(primary_key=True)
     item_id: Mapped[int]
     name: Mapped[str] = mapped_column(sa.String(50))
+
+
+class Account(PreludeBase):
+    __tablename__ = "snippet_account"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    balance: Mapped[int]
 
 
 class Order(PreludeBase):
@@ -229,6 +238,26 @@ def _disconnect(receiver: Any) -> None:
 
     for signal in (transaction_retrying, transaction_rolled_back):
         signal.disconnect(receiver)
+
+
+def test_readme_quick_start_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README.md: the quick start's transfer view moves the amount between two accounts."""
+    monkeypatch.chdir(tmp_path)  # its database is the relative sqlite:///app.db
+    namespace: dict[str, Any] = {"Account": Account}
+    run_page("README", namespace)
+    app, txn = namespace["app"], namespace["txn"]
+    with app.app_context():
+        PreludeBase.metadata.create_all(txn.engine)
+        with atomic():
+            txn.session.add_all([Account(id=1, balance=10), Account(id=2, balance=0)])
+    try:
+        response = app.test_client().post("/accounts/1/transfer/2", json={"amount": 4})
+        with app.app_context():
+            balances = [txn.session.get(Account, i).balance for i in (1, 2)]
+    finally:
+        with app.app_context():
+            txn.engine.dispose()
+    assert (response.json, balances) == ({"ok": True}, [6, 4])
 
 
 def test_testing_page_runs() -> None:
