@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import enum
 import functools
 import inspect
 import itertools
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 from flask import current_app, has_app_context, has_request_context, request
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine, ExceptionContext
-from sqlalchemy.exc import ResourceClosedError
+from sqlalchemy.exc import DBAPIError, ResourceClosedError
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
@@ -59,6 +60,8 @@ _TXN = "flask_txn.transaction"
 _UNSET: Any = object()
 #: libpq's PQTRANS_INERROR, reported by psycopg2 and psycopg 3 alike.
 _TRANSACTION_IN_ERROR = 3
+#: SQLSTATE of a statement sent in a transaction that an earlier error aborted.
+_IN_FAILED_TRANSACTION = "25P02"
 _POSTGRESQL_ONLY = ("readonly", "deferrable", "statement_timeout", "lock_timeout")
 
 #: Options that shape the retry loop: only an outermost decorated function has one.
@@ -80,6 +83,7 @@ class _Transaction:
         "committing",
         "doomed",
         "engine",
+        "exposed",
         "frames",
         "isolation",
         "last_error",
@@ -91,9 +95,18 @@ class _Transaction:
     )
 
     def __init__(
-        self, session: Session, engine: Engine, options: _Options, attempt: int, started: float
+        self,
+        session: Session,
+        engine: Engine,
+        options: _Options,
+        attempt: int,
+        started: float,
+        exposed: Any = None,
     ) -> None:
         self.session = session
+        #: the session user code sees (and signals carry): an AsyncSession in
+        #: async blocks, whose sync ``session`` does the work.
+        self.exposed = session if exposed is None else exposed
         self.engine = engine
         self.options = options
         self.isolation = options.isolation
@@ -129,6 +142,15 @@ class _Options:
 
 
 _savepoint_ids = itertools.count(1)
+
+
+class Outcome(enum.Enum):
+    """How an attempt of an outermost function ended, when it did not raise."""
+
+    COMMITTED = "committed"
+    VETOED = "vetoed"
+    RETRY = "retry"
+
 
 #: ``session.info`` key that flask_txn.testing sets on sessions joined to a test's
 #: outer transaction: there, commits are savepoint releases and per-transaction
@@ -289,44 +311,67 @@ class Atomic:
             token = _current.set(txn)
             try:
                 error: BaseException | None = None
+                rv: Any = None
                 try:
                     _begin(txn)
                     rv = func(*args, **kwargs)
                 except BaseException as exc:
                     error = exc
-                if error is None and txn.doomed is None:
-                    if _vetoed(rv, options.veto, wrapper):
-                        _rollback(txn, reason="veto", error=None)
-                        return rv
-                    error = _commit(txn)
-                    if error is None:
-                        break
-                failure = error if error is not None else txn.doomed
-                assert failure is not None
-                retriable = isinstance(failure, Exception) and (
-                    txn.doomed is not None or self._retriable(failure)
-                )
-                delay = backoff(policy, attempt, state.settings.random) if retriable else 0.0
-                give_up = (
-                    not retriable
-                    or attempt > policy.retries
-                    or (
-                        policy.deadline is not None
-                        and time.perf_counter() - started + delay > policy.deadline
-                    )
-                )
-                if give_up:
-                    _rollback(txn, reason="error", error=failure, exhausted=retriable)
-                    if retriable:
-                        _note_attempts(failure, attempt)
-                    raise failure
-                _rollback(txn, reason="retry", error=failure)
+                outcome, failure, delay = self._conclude(txn, error, rv, wrapper, state)
             finally:
                 _current.reset(token)
-            _retrying(txn, failure, delay, final=attempt + 1 > policy.retries)
-            state.settings.sleep(delay)
-        _committed(txn)
-        return rv
+            if outcome is Outcome.RETRY:
+                _retrying(txn, failure, delay, final=attempt + 1 > policy.retries)
+                state.settings.sleep(delay)
+                continue
+            if outcome is Outcome.COMMITTED:
+                _committed(txn)
+            return rv  # type: ignore[no-any-return]
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _conclude(
+        self,
+        txn: _Transaction,
+        error: BaseException | None,
+        rv: Any,
+        wrapper: Callable[..., Any],
+        state: _State,
+    ) -> tuple[Outcome, Any, float]:
+        """End an attempt of the outermost function: commit, veto, or roll back.
+
+        Returns the outcome with, for ``RETRY``, the failure and the seconds to
+        wait; raises the failure when it is not to be re-run.
+        """
+        options = txn.options
+        policy = options.policy
+        if error is None and txn.doomed is None:
+            if _vetoed(rv, options.veto, wrapper):
+                _rollback(txn, reason="veto", error=None)
+                return Outcome.VETOED, None, 0.0
+            error = _commit(txn)
+            if error is None:
+                return Outcome.COMMITTED, None, 0.0
+        failure = error if error is not None else txn.doomed
+        assert failure is not None
+        retriable = isinstance(failure, Exception) and (
+            txn.doomed is not None or self._retriable(failure)
+        )
+        delay = backoff(policy, txn.attempt, state.settings.random) if retriable else 0.0
+        give_up = (
+            not retriable
+            or txn.attempt > policy.retries
+            or (
+                policy.deadline is not None
+                and time.perf_counter() - txn.started + delay > policy.deadline
+            )
+        )
+        if give_up:
+            _rollback(txn, reason="error", error=failure, exhausted=retriable)
+            if retriable:
+                _note_attempts(failure, txn.attempt)
+            raise failure
+        _rollback(txn, reason="retry", error=failure)
+        return Outcome.RETRY, failure, delay
 
     def _retriable(self, error: Exception) -> bool:
         if is_retryable(error):
@@ -386,17 +431,10 @@ class Atomic:
             return False
         txn.frames.pop()
         try:
-            failure = exc if exc is not None else txn.doomed
-            if failure is None:
-                failure = _commit(txn)
-            if failure is not None:
-                _rollback(txn, reason="error", error=failure)
+            failure = _finish_block(txn, exc)
         finally:
             _current.reset(frame)
-        if failure is None:
-            _committed(txn)
-        elif failure is not exc:
-            raise failure
+        _after_block(txn, failure, exc)
         return False
 
     # -- shared --------------------------------------------------------------
@@ -545,6 +583,26 @@ def _begin(txn: _Transaction) -> None:
     _apply_options(session, txn.options)
 
 
+def _finish_block(txn: _Transaction, exc: BaseException | None) -> BaseException | None:
+    """End an outermost ``with`` block: commit, or roll back; return the failure."""
+    failure = exc if exc is not None else txn.doomed
+    if failure is None:
+        failure = _commit(txn)
+    if failure is not None:
+        _rollback(txn, reason="error", error=failure)
+    return failure
+
+
+def _after_block(
+    txn: _Transaction, failure: BaseException | None, exc: BaseException | None
+) -> None:
+    """After an outermost ``with`` block: the commit's aftermath, or its own failure."""
+    if failure is None:
+        _committed(txn)
+    elif failure is not exc:
+        raise failure
+
+
 def _check_dialect(engine: Engine, options: _Options) -> None:
     dialect = engine.dialect.name
     check_dialect_isolation("isolation", options.isolation, dialect)
@@ -613,13 +671,14 @@ def _commit(txn: _Transaction) -> BaseException | None:
             " transaction inside a block: raise instead, or use a nested 'atomic'"
             " block to undo part of the work."
         )
-    if txn.last_error is not None and _aborted(session):
+    caught = txn.last_error
+    if caught is not None and _aborted(session):
         error = TransactionAbortedError(
             "A database error aborted this transaction, but the function caught it and"
             " returned normally, so nothing was committed. Let the error propagate, or"
             " wrap the failing statement in a nested 'atomic' block (a savepoint)."
         )
-        error.__cause__ = txn.last_error
+        error.__cause__ = caught
         return error
     txn.committing = True
     try:
@@ -654,10 +713,20 @@ def refuse_inner_commit(session: Session) -> None:
 
 
 def _aborted(session: Session) -> bool:
-    """True if PostgreSQL considers the open transaction failed (libpq's INERROR)."""
-    dbapi_connection = session.connection().connection.dbapi_connection
-    info = getattr(dbapi_connection, "info", None)
-    return getattr(info, "transaction_status", None) == _TRANSACTION_IN_ERROR
+    """True if the database considers the open transaction failed, so that it
+    would turn COMMIT into a silent ROLLBACK (PostgreSQL does)."""
+    connection = session.connection()
+    info = getattr(connection.connection.driver_connection, "info", None)
+    status = getattr(info, "transaction_status", None)
+    if status is not None:  # psycopg2 and psycopg 3 report libpq's status
+        return bool(status == _TRANSACTION_IN_ERROR)
+    # Other drivers (asyncpg, sqlite3) do not: ask the database. Only done
+    # after an error, so the extra statement costs nothing on the hot path.
+    try:
+        connection.exec_driver_sql("SELECT 1")
+    except DBAPIError as exc:
+        return sqlstate_of(exc) == _IN_FAILED_TRANSACTION
+    return False
 
 
 def _rollback(
@@ -721,7 +790,7 @@ def _committed(txn: _Transaction) -> None:
 
 def _payload(txn: _Transaction) -> dict[str, Any]:
     return {
-        "session": txn.session,
+        "session": txn.exposed,
         "attempt": txn.attempt,
         "isolation": txn.isolation,
         "endpoint": request.endpoint if has_request_context() else None,
