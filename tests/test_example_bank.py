@@ -215,9 +215,12 @@ def test_insufficient_funds_is_refused_and_rolled_back(bank: Flask) -> None:
 
 
 def test_unknown_account_is_not_found(bank: Flask) -> None:
-    """404 naming the account that does not exist."""
+    """404 naming the field and the account that does not exist."""
     response = transfer(bank, "k1", source=1, target=99)
-    assert (response.status_code, response.json["error"]) == (404, "No account 99.")
+    assert (response.status_code, response.json["error"]) == (
+        404,
+        "'to' is 99, which is no account here.",
+    )
 
 
 @pytest.mark.parametrize(

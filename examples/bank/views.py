@@ -115,9 +115,9 @@ def apply_once(order: Order, accounts: dict[int, Account]) -> Any:
                 " new key for a new transfer."
             }, 422
         return done.as_json(), 201, {"Idempotent-Replayed": "true"}
-    missing = sorted({order.source, order.target} - set(accounts))
-    if missing:
-        return {"error": f"No account {missing[0]!r}."}, 404
+    for field, account_id in (("from", order.source), ("to", order.target)):
+        if account_id not in accounts:
+            return {"error": f"{field!r} is {account_id!r}, which is no account here."}, 404
     source, target = accounts[order.source], accounts[order.target]
     if source.balance < order.amount:
         # A 4xx response: flask-txn rolls back (the commit veto). Nothing was written anyway.
