@@ -1,0 +1,159 @@
+"""Scenarios 2 to 5: transfers through gunicorn over loopback HTTP, against pgbench in the same run.
+
+Each variant is a callable making one timed run; :func:`interleave` runs the
+variants of a scenario A B A B ..., each on a freshly loaded ``accounts`` table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import sqlalchemy as sa
+
+from tests.pgserver import PostgresServer
+
+from . import pgbench, processes, workload
+from .results import Comparison, Run
+
+#: One timed run of a variant, given the round number (the load generator's seed).
+RunOnce = Callable[[int], Run]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every run of a scenario shares: the server, the clients and the duration."""
+
+    server: PostgresServer
+    engine: sa.Engine
+    port: int
+    clients: int
+    rounds: int
+    seconds: int
+
+    def flask_txn(self, path: str, naccts: int) -> RunOnce:
+        return lambda seed: processes.load(
+            self.port, path, clients=self.clients, seconds=self.seconds, naccts=naccts, seed=seed
+        )
+
+    def pgbench(self, script: str, naccts: int) -> RunOnce:
+        return lambda seed: pgbench.run(
+            self.server, script, clients=self.clients, seconds=self.seconds, naccts=naccts
+        )
+
+    def interleave(self, naccts: int, variants: dict[str, RunOnce]) -> dict[str, list[Run]]:
+        """Run the variants in turn, ``rounds`` times, each on a fresh table."""
+        runs: dict[str, list[Run]] = {name: [] for name in variants}
+        for round_ in range(1, self.rounds + 1):
+            for name, run in variants.items():
+                workload.reset_accounts(self.engine, naccts)
+                runs[name].append(run(round_))
+        return runs
+
+
+def _path(script: str) -> str:
+    return f"/transfer/{script}"
+
+
+PGBENCH_SER = f"pgbench `{workload.SERIALIZABLE}.sql`, `--max-tries=10`"
+FLASK_TXN_SER = "flask-txn `@atomic(isolation='SERIALIZABLE', retries=9)`"
+PGBENCH_COLD = f"pgbench `{workload.READ_COMMITTED}.sql`"
+FLASK_TXN_COLD = "flask-txn `@atomic(isolation='READ COMMITTED')`"
+
+
+def cold(setup: Setup) -> Comparison:
+    """Scenario 2: 1000 accounts, READ COMMITTED, hardly any conflict."""
+    runs = setup.interleave(
+        workload.COLD,
+        {
+            PGBENCH_COLD: setup.pgbench(workload.READ_COMMITTED, workload.COLD),
+            FLASK_TXN_COLD: setup.flask_txn(_path(workload.READ_COMMITTED), workload.COLD),
+        },
+    )
+    return Comparison(
+        "cold",
+        "2. Cold transfers: 1000 accounts, READ COMMITTED",
+        setup.clients,
+        "transfers/s",
+        runs,
+    )
+
+
+def serializable(setup: Setup) -> Comparison:
+    """Scenario 3: 10 hot accounts, SERIALIZABLE, the same budget of 10 attempts."""
+    runs = setup.interleave(
+        workload.HOT,
+        {
+            PGBENCH_SER: setup.pgbench(workload.SERIALIZABLE, workload.HOT),
+            FLASK_TXN_SER: setup.flask_txn(_path(workload.SERIALIZABLE), workload.HOT),
+        },
+    )
+    return Comparison(
+        "serializable",
+        "3. Hot SERIALIZABLE transfers: 10 accounts, 10 attempts at most",
+        setup.clients,
+        "committed/s",
+        runs,
+    )
+
+
+def read_committed(setup: Setup) -> Comparison:
+    """Scenario 4: 10 hot accounts, READ COMMITTED: ordered locks against deadlocks."""
+    runs = setup.interleave(
+        workload.HOT,
+        {
+            f"pgbench `{workload.ORDERED_LOCKS}.sql`": setup.pgbench(
+                workload.ORDERED_LOCKS, workload.HOT
+            ),
+            "flask-txn `lock_rows(..., mode='update')`": setup.flask_txn(
+                "/transfer/lock-rows", workload.HOT
+            ),
+            "flask-txn, two UPDATEs in random order": setup.flask_txn(
+                _path(workload.READ_COMMITTED), workload.HOT
+            ),
+            f"pgbench `{workload.READ_COMMITTED}.sql`, `--max-tries=10`": setup.pgbench(
+                workload.READ_COMMITTED, workload.HOT
+            ),
+        },
+    )
+    return Comparison(
+        "read-committed",
+        "4. Hot READ COMMITTED transfers: 10 accounts, ordered row locks or deadlocks",
+        setup.clients,
+        "committed/s",
+        runs,
+        notes="Two UPDATEs in random order deadlock; PostgreSQL detects it after"
+        " deadlock_timeout (100 ms) and both retry.",
+    )
+
+
+def backoff_label(wait_initial: float, wait_max: float) -> str:
+    return f"flask-txn `wait_initial={wait_initial:g}, wait_max={wait_max:g}`"
+
+
+def backoff_sweep(setup: Setup, backoffs: Sequence[tuple[float, float]]) -> Comparison:
+    """Scenario 3 with each backoff setting (served at ``/transfer/backoff/<i>``)."""
+    variants = {PGBENCH_SER: setup.pgbench(workload.SERIALIZABLE, workload.HOT)}
+    for index, (wait_initial, wait_max) in enumerate(backoffs):
+        variants[backoff_label(wait_initial, wait_max)] = setup.flask_txn(
+            f"/transfer/backoff/{index}", workload.HOT
+        )
+    return Comparison(
+        "backoff",
+        "3b. Backoff settings on scenario 3 (hot SERIALIZABLE, retries=9)",
+        setup.clients,
+        "committed/s",
+        setup.interleave(workload.HOT, variants),
+    )
+
+
+def warm_up(port: int, clients: int, seconds: float) -> None:
+    """Untimed load, so that every worker has imported, compiled and filled its pool."""
+    processes.load(
+        port,
+        _path(workload.READ_COMMITTED),
+        clients=clients,
+        seconds=seconds,
+        naccts=workload.COLD,
+        seed=0,
+    )

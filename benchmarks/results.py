@@ -1,0 +1,167 @@
+"""Measured runs, their medians, spreads and ratios, as markdown and JSON.
+
+Every scenario runs its variants interleaved (A B A B ...), so a variant's
+ratio to the anchor is the median of the ratios of the runs made side by side,
+which cancels most of the drift of a shared machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One timed run of one variant.
+
+    ``committed`` counts transactions (or calls, or requests) that succeeded
+    within ``seconds``; ``failed`` those that gave up after all attempts;
+    ``retries`` the re-runs of all of them; ``errors`` anything else.
+    """
+
+    committed: int
+    seconds: float
+    failed: int = 0
+    retries: int = 0
+    errors: int = 0
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+
+    @property
+    def goodput(self) -> float:
+        """Committed per second."""
+        return self.committed / self.seconds
+
+    @property
+    def failed_share(self) -> float:
+        """Failed after all attempts, as a share of all that ended."""
+        ended = self.committed + self.failed
+        return self.failed / ended if ended else 0.0
+
+    @property
+    def retries_per_commit(self) -> float:
+        return self.retries / self.committed if self.committed else math.nan
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """The nearest-rank percentile of ``values`` (NaN if there are none)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(share * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclasses.dataclass
+class Comparison:
+    """One scenario: its variants' runs, the first variant being the anchor."""
+
+    key: str
+    title: str
+    clients: int
+    unit: str
+    runs: dict[str, list[Run]]
+    notes: str = ""
+
+    @property
+    def anchor(self) -> str:
+        return next(iter(self.runs))
+
+    def median(self, variant: str, attribute: str = "goodput") -> float:
+        values = [getattr(run, attribute) for run in self.runs[variant]]
+        values = [value for value in values if not math.isnan(value)]
+        return statistics.median(values) if values else math.nan
+
+    def ratio(self, variant: str) -> float:
+        """Median of the paired ratios variant / anchor, run by run."""
+        pairs = zip(self.runs[variant], self.runs[self.anchor], strict=True)
+        ratios = [run.goodput / base.goodput for run, base in pairs if base.goodput]
+        return statistics.median(ratios) if ratios else math.nan
+
+    def spread(self, variant: str) -> tuple[float, float]:
+        rates = [run.goodput for run in self.runs[variant]]
+        return min(rates), max(rates)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "title": self.title,
+            "clients": self.clients,
+            "unit": self.unit,
+            "notes": self.notes,
+            "runs": {
+                name: [dataclasses.asdict(run) for run in runs] for name, runs in self.runs.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Comparison:
+        runs = {name: [Run(**run) for run in items] for name, items in data["runs"].items()}
+        return cls(data["key"], data["title"], data["clients"], data["unit"], runs, data["notes"])
+
+
+def _number(value: float, digits: int = 0) -> str:
+    return "-" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def markdown(comparisons: Sequence[Comparison]) -> str:
+    """One table per scenario: medians over the runs, the spread, the ratio to the anchor."""
+    out: list[str] = []
+    for comparison in comparisons:
+        contended = any(
+            run.failed or run.retries for runs in comparison.runs.values() for run in runs
+        )
+        rounds = len(comparison.runs[comparison.anchor])
+        out.append(f"### {comparison.title}\n")
+        out.append(
+            f"{comparison.clients} client(s), {rounds} interleaved round(s);"
+            f" ratio = median of the per-round ratios to the first row."
+            + (f" {comparison.notes}" if comparison.notes else "")
+            + "\n"
+        )
+        header = f"| variant | {comparison.unit} (median) | min-max | ratio |"
+        rule = "| --- | ---: | ---: | ---: |"
+        if contended:
+            header += " failed | retries/commit | p50 ms | p99 ms |"
+            rule += " ---: | ---: | ---: | ---: |"
+        elif not math.isnan(comparison.median(comparison.anchor, "p50_ms")):
+            header += " p50 ms | p99 ms |"
+            rule += " ---: | ---: |"
+        out += [header, rule]
+        for name in comparison.runs:
+            low, high = comparison.spread(name)
+            row = (
+                f"| {name} | {_number(comparison.median(name))} | {_number(low)}-{_number(high)}"
+                f" | {comparison.ratio(name):.3f} |"
+            )
+            if contended:
+                row += (
+                    f" {comparison.median(name, 'failed_share'):.1%} |"
+                    f" {_number(comparison.median(name, 'retries_per_commit'), 2)} |"
+                )
+            if contended or "p50" in header:
+                row += (
+                    f" {_number(comparison.median(name, 'p50_ms'), 1)} |"
+                    f" {_number(comparison.median(name, 'p99_ms'), 1)} |"
+                )
+            out.append(row)
+        out.append("")
+    return "\n".join(out)
+
+
+def save(path: Path, facts: dict[str, Any], comparisons: Sequence[Comparison]) -> None:
+    """Write the run's facts and every run's figures as JSON."""
+    data = {"facts": facts, "comparisons": [c.to_json() for c in comparisons]}
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
+def load(path: Path) -> tuple[dict[str, Any], list[Comparison]]:
+    """Read what :func:`save` wrote."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data["facts"], [Comparison.from_json(item) for item in data["comparisons"]]
