@@ -15,6 +15,7 @@ from tests.pgserver import PostgresServer
 
 from . import pgbench, processes, workload
 from .results import Comparison, Run
+from .webapp import NO_PRE_PING
 
 #: One timed run of a variant, given the round number (the load generator's seed).
 RunOnce = Callable[[int], Run]
@@ -68,6 +69,9 @@ def cold(setup: Setup) -> Comparison:
         {
             PGBENCH_COLD: setup.pgbench(workload.READ_COMMITTED, workload.COLD),
             FLASK_TXN_COLD: setup.flask_txn(_path(workload.READ_COMMITTED), workload.COLD),
+            f"{FLASK_TXN_COLD}, `pool_pre_ping=False`": setup.flask_txn(
+                NO_PRE_PING + _path(workload.READ_COMMITTED), workload.COLD
+            ),
         },
     )
     return Comparison(
@@ -76,6 +80,9 @@ def cold(setup: Setup) -> Comparison:
         setup.clients,
         "transfers/s",
         runs,
+        notes="flask-txn's default `pool_pre_ping=True` costs two round trips per"
+        " transaction with psycopg2 (`SELECT 1`, then `SET default_transaction_isolation"
+        " TO DEFAULT` when the driver leaves autocommit).",
     )
 
 

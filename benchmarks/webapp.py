@@ -9,7 +9,9 @@ is ``transfer_ser`` with the i-th backoff setting of ``BENCH_BACKOFFS``.
 
 The response carries the number of attempts in ``X-Attempts``, taken from the
 signals' payloads; a transfer that failed after every attempt answers 503.
-Configured by the environment (gunicorn calls ``create_app()``).
+The same views answer under ``/no-pre-ping/`` from a second app whose engine
+has ``pool_pre_ping=False``, to show what flask-txn's default costs. Configured
+by the environment (gunicorn calls ``create_app()``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Flask, Response, g, request
 from sqlalchemy.exc import DBAPIError
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from flask_txn import (
     FlaskTxn,
@@ -36,17 +39,25 @@ from . import workload
 
 #: The same budget as pgbench --max-tries=10.
 RETRIES = 9
+NO_PRE_PING = "/no-pre-ping"
 
 
 def create_app() -> Flask:
     """The app, from ``BENCH_DATABASE_URL``, ``BENCH_POOL_SIZE`` and ``BENCH_BACKOFFS``."""
-    app = Flask(__name__)
+    app = _build("webapp", {})
+    lean = _build("webapp_no_pre_ping", {"pool_pre_ping": False})
+    app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {NO_PRE_PING: lean})  # type: ignore[method-assign]
+    return app
+
+
+def _build(name: str, engine_options: dict[str, Any]) -> Flask:
+    app = Flask(name)
     pool_size = int(os.environ.get("BENCH_POOL_SIZE", "8"))
     app.config.update(
         TXN_DATABASE_URI=os.environ["BENCH_DATABASE_URL"],
-        # One connection per thread, so no request waits for the pool; the rest
-        # of the engine options are flask-txn's defaults (pool_pre_ping=True).
-        TXN_ENGINE_OPTIONS={"pool_size": pool_size, "max_overflow": 0},
+        # One connection per thread, so no request waits for the pool; the other
+        # engine options are flask-txn's defaults (pool_pre_ping=True) unless given.
+        TXN_ENGINE_OPTIONS={"pool_size": pool_size, "max_overflow": 0, **engine_options},
     )
     txn = FlaskTxn(app)
     statements = {
