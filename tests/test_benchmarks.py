@@ -1,0 +1,104 @@
+"""The benchmark harness keeps working: its smoke run, and the pieces that make it fair.
+
+No figure is asserted: speed on a shared machine is not a test result.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import results, workload
+from benchmarks.results import Comparison, Run
+
+from . import pgserver
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT.parent / "shared" / "workload"
+
+
+def test_scripts_hold_the_reference_sql() -> None:
+    """Our copies of the pgbench scripts hold the reference scripts' lines, comments aside."""
+    if not REFERENCE.is_dir():
+        pytest.skip("the reference scripts (../shared/workload) are not beside this checkout")
+    for name in workload.SCRIPTS:
+        ours = workload.script(name)
+        reference = (REFERENCE / f"{name}.sql").read_text().splitlines()
+        copy = [line for line in ours.path.read_text().splitlines() if not line.startswith("--")]
+        assert copy == [line for line in reference if line]
+        # What flask-txn runs: the statements between BEGIN and COMMIT, at BEGIN's level.
+        begin = reference.index(f"BEGIN ISOLATION LEVEL {ours.isolation};")
+        assert [f"{sql};" for sql in ours.statements] == reference[begin + 1 : -1]
+
+
+def test_pick_draws_two_different_accounts_in_range() -> None:
+    """Transfers are drawn as the scripts' \\set lines draw them."""
+    rng = random.Random(0)
+    for naccts in (2, 10, 1000):
+        for _ in range(500):
+            params = workload.pick(rng, naccts)
+            assert 1 <= params["a"] <= naccts
+            assert 1 <= params["b"] <= naccts
+            assert params["a"] != params["b"]
+            assert 1 <= params["amt"] <= 100
+
+
+def test_ratio_is_the_median_of_paired_runs() -> None:
+    """Each round's ratio pairs runs made side by side; the table shows their median."""
+    comparison = Comparison(
+        "x",
+        "X",
+        8,
+        "committed/s",
+        {
+            "anchor": [Run(100, 1.0), Run(200, 1.0), Run(50, 1.0)],
+            "other": [Run(110, 1.0), Run(180, 1.0), Run(100, 1.0)],
+        },
+    )
+    assert comparison.ratio("other") == pytest.approx(1.1)
+    assert comparison.spread("other") == (100, 180)
+    assert "| other | 110 | 100-180 | 1.100 |" in results.markdown([comparison])
+    assert results.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0
+
+
+@pytest.mark.postgresql_only
+def test_smoke_run_writes_every_scenario(tmp_path: Path) -> None:
+    """``python -m benchmarks --smoke`` runs scenarios 1 to 5 and writes tables, JSON and plots."""
+    pytest.importorskip("flask_sqlalchemy", reason="the dev extra is not installed")
+    pytest.importorskip("matplotlib", reason="the dev extra is not installed")
+    try:
+        pgserver.find_bindir()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", f"--out={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    facts, comparisons = results.load(tmp_path / "results.json")
+    assert facts["postgresql_settings"]["deadlock_timeout"] == "100ms"
+    assert facts["cores"] >= 1
+    keys = {(c.key, c.clients) for c in comparisons}
+    assert {("overhead", 1), ("noop", 1), ("cold", 8), ("serializable", 8)} <= keys
+    assert {("read-committed", 8), ("cold", 2), ("serializable", 2), ("backoff", 2)} <= keys
+    for comparison in comparisons:
+        for runs in comparison.runs.values():
+            assert runs
+            # Every variant got work done and nothing but conflicts went wrong.
+            assert all(run.committed > 0 and run.errors == 0 for run in runs), comparison.key
+    assert any(c.key == "serializable" and c.anchor.startswith("pgbench") for c in comparisons)
+    report = (tmp_path / "results.md").read_text()
+    assert "deadlock_timeout=100ms" in report
+    assert report.count("| variant |") == len(comparisons)
+    for plot in ("goodput.png", "scaling.png", "backoff.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "results.json").read_text())["facts"]["mode"] == "smoke"
