@@ -62,18 +62,17 @@ PGBENCH_COLD = f"pgbench `{workload.READ_COMMITTED}.sql`"
 FLASK_TXN_COLD = "flask-txn `@atomic(isolation='READ COMMITTED')`"
 
 
-def cold(setup: Setup) -> Comparison:
+def cold(setup: Setup, *, without_pre_ping: bool = False) -> Comparison:
     """Scenario 2: 1000 accounts, READ COMMITTED, hardly any conflict."""
-    runs = setup.interleave(
-        workload.COLD,
-        {
-            PGBENCH_COLD: setup.pgbench(workload.READ_COMMITTED, workload.COLD),
-            FLASK_TXN_COLD: setup.flask_txn(_path(workload.READ_COMMITTED), workload.COLD),
-            f"{FLASK_TXN_COLD}, `pool_pre_ping=False`": setup.flask_txn(
-                NO_PRE_PING + _path(workload.READ_COMMITTED), workload.COLD
-            ),
-        },
-    )
+    variants = {
+        PGBENCH_COLD: setup.pgbench(workload.READ_COMMITTED, workload.COLD),
+        FLASK_TXN_COLD: setup.flask_txn(_path(workload.READ_COMMITTED), workload.COLD),
+    }
+    if without_pre_ping:
+        variants[f"{FLASK_TXN_COLD}, `pool_pre_ping=False`"] = setup.flask_txn(
+            NO_PRE_PING + _path(workload.READ_COMMITTED), workload.COLD
+        )
+    runs = setup.interleave(workload.COLD, variants)
     return Comparison(
         "cold",
         "2. Cold transfers: 1000 accounts, READ COMMITTED",

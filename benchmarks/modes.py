@@ -30,8 +30,8 @@ class Mode:
 
 
 #: Backoff settings compared in scenario 3b: none (pgbench's immediate retry),
-#: then caps growing from 1 ms, 2 ms, 5 ms and 10 ms.
-BACKOFFS = ((0.0, 0.0), (0.001, 0.1), (0.002, 0.25), (0.005, 0.5), (0.01, 1.0))
+#: then first caps of 2, 10, 20 and 50 ms.
+BACKOFFS = ((0.0, 0.0), (0.002, 0.25), (0.01, 1.0), (0.02, 1.0), (0.05, 1.0))
 
 SMOKE = Mode(
     name="smoke",
@@ -70,14 +70,14 @@ FULL = Mode(
     overhead_rounds=7,
     overhead_seconds=1.0,
     rounds=5,
-    seconds=5,
+    seconds=4,
     scaling_clients=(1, 2, 4, 16, 32),
     scaling_rounds=3,
-    scaling_seconds=4,
+    scaling_seconds=3,
     backoffs=BACKOFFS,
-    backoff_clients=(8, 32),
+    backoff_clients=(2, 8, 32),
     backoff_rounds=3,
-    backoff_seconds=4,
+    backoff_seconds=3,
     warmup=2.0,
 )
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,10 +21,13 @@ MAIN_CLIENTS = 8
 
 _PGBENCH = "#4c72b0"
 _FLASK_TXN = "#dd8452"
+_OTHER = "#8c8c8c"
 
 
 def _colour(variant: str) -> str:
-    return _PGBENCH if variant.startswith("pgbench") else _FLASK_TXN
+    if variant.startswith("pgbench"):
+        return _PGBENCH
+    return _FLASK_TXN if variant.startswith("flask-txn") else _OTHER
 
 
 def _plain(label: str) -> str:
@@ -31,8 +36,12 @@ def _plain(label: str) -> str:
 
 def goodput_bars(comparisons: Sequence[Comparison], path: Path) -> None:
     """One panel per scenario: each variant's median goodput, with its min-max as error bars."""
-    fig, axes = plt.subplots(1, len(comparisons), figsize=(4.6 * len(comparisons), 4.4))
-    for ax, comparison in zip([axes] if len(comparisons) == 1 else axes, comparisons, strict=True):
+    columns = 2
+    rows = math.ceil(len(comparisons) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(11, 4.6 * rows), squeeze=False)
+    for ax in axes.flat[len(comparisons) :]:
+        ax.set_visible(False)
+    for ax, comparison in zip(axes.flat, comparisons, strict=False):
         names = list(comparison.runs)
         medians = [comparison.median(name) for name in names]
         spreads = [comparison.spread(name) for name in names]
@@ -40,31 +49,32 @@ def goodput_bars(comparisons: Sequence[Comparison], path: Path) -> None:
             [m - low for m, (low, _) in zip(medians, spreads, strict=True)],
             [high - m for m, (_, high) in zip(medians, spreads, strict=True)],
         ]
-        positions = range(len(names))
+        positions = list(range(len(names)))
         ax.bar(positions, medians, yerr=errors, capsize=4, color=[_colour(n) for n in names])
-        for x, name in zip(positions, names, strict=True):
-            failed = comparison.median(name, "failed_share")
+        top = max(high for _, high in spreads)
+        for x, name, (_, high) in zip(positions, names, spreads, strict=True):
             label = f"x{comparison.ratio(name):.2f}"
+            failed = comparison.median(name, "failed_share")
             if failed:
                 label += f"\n{failed:.1%} failed"
-            ax.annotate(
-                label,
-                (x, 0),
-                xytext=(0, 4),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                color="white",
-            )
-        ax.set_xticks(list(positions))
-        ax.set_xticklabels([_plain(n) for n in names], rotation=30, ha="right", fontsize=7)
-        ax.set_title(comparison.title.split(":")[0], fontsize=9)
+            ax.text(x, high + top * 0.02, label, ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, top * 1.25)
+        ax.set_xticks(positions)
+        ax.set_xticklabels([_wrap(_plain(n)) for n in names], fontsize=7)
+        ax.set_title(
+            f"{comparison.title.split(':')[0]} ({comparison.clients} client(s))", fontsize=9
+        )
         ax.set_ylabel(comparison.unit)
-    fig.suptitle("Median goodput (bars: min-max; label: ratio to the first bar)", fontsize=10)
+    fig.suptitle(
+        "Median goodput; bars: min-max of the rounds; label: ratio to the first bar", fontsize=10
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _wrap(label: str, width: int = 22) -> str:
+    return "\n".join(textwrap.wrap(label, width))
 
 
 def scaling(comparisons: Sequence[Comparison], path: Path) -> None:
@@ -98,7 +108,7 @@ def scaling(comparisons: Sequence[Comparison], path: Path) -> None:
         ax.set_title(f"Scenario {title}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -126,18 +136,20 @@ def backoff(comparisons: Sequence[Comparison], path: Path) -> None:
                 label=f"{sweep.clients} clients",
             )
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(
-            [_plain(n).replace("flask-txn ", "") for n in names],
-            rotation=30,
-            ha="right",
-            fontsize=7,
-        )
+        ax.set_xticklabels([_backoff_label(n) for n in names], fontsize=7)
+        ax.set_xlabel("wait_initial, wait_max (s)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
     fig.suptitle("Backoff settings on hot SERIALIZABLE transfers (medians)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _backoff_label(variant: str) -> str:
+    if variant.startswith("pgbench"):
+        return "pgbench\n(at once)"
+    return _plain(variant).replace("flask-txn wait_initial=", "").replace(" wait_max=", "\n")
 
 
 def draw(comparisons: Sequence[Comparison], folder: Path) -> list[Path]:
@@ -159,3 +171,17 @@ def draw(comparisons: Sequence[Comparison], folder: Path) -> list[Path]:
         written.append(folder / "backoff.png")
         backoff(comparisons, written[-1])
     return written
+
+
+def main() -> None:
+    """Redraw the plots of a saved run: ``python -m benchmarks.plots FOLDER``."""
+
+    from .results import load
+
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("benchmarks/results")
+    _, comparisons = load(folder / "results.json")
+    print(*draw(comparisons, folder), sep="\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -118,7 +118,7 @@ def markdown(comparisons: Sequence[Comparison]) -> str:
             run.failed or run.retries for runs in comparison.runs.values() for run in runs
         )
         rounds = len(comparison.runs[comparison.anchor])
-        out.append(f"### {comparison.title}\n")
+        out.append(f"## {comparison.title}\n")
         out.append(
             f"{comparison.clients} client(s), {rounds} interleaved round(s);"
             f" ratio = median of the per-round ratios to the first row."
