@@ -204,7 +204,7 @@ BAD_CONFIG = [
         "TXN_RETRY_WAIT_MAX",
         0.001,
         [
-            "'TXN_RETRY_WAIT_MAX' must be >= the initial wait (0.01 s), got 0.001."
+            "'TXN_RETRY_WAIT_MAX' must be >= the initial wait (0.02 s), got 0.001."
             " Raise the maximum or lower the initial wait."
         ],
         id="wait-max-below-initial",

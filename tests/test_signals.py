@@ -160,7 +160,7 @@ def test_retries_exhausted(app_txn: Any, events: list[Any]) -> None:
         always()
     assert sequence(events) == [
         ("rolled_back", 1, "retry", False, "-", "-", None, None),
-        ("retrying", 1, "-", "-", True, 0.01, None, None),
+        ("retrying", 1, "-", "-", True, 0.02, None, None),
         ("rolled_back", 2, "error", True, "-", "-", None, None),
     ]
 
