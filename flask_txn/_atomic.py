@@ -24,6 +24,7 @@ from flask import current_app, has_app_context, has_request_context, request
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.exc import DBAPIError, ResourceClosedError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
@@ -106,7 +107,7 @@ class _Transaction:
         self.session = session
         #: the session user code sees (and signals carry): an AsyncSession in
         #: async blocks, whose sync ``session`` does the work.
-        self.exposed = session if exposed is None else exposed
+        self.exposed: Any = session if exposed is None else exposed
         self.engine = engine
         self.options = options
         self.isolation = options.isolation
@@ -274,10 +275,15 @@ class Atomic:
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         """Run ``func`` in a transaction, re-running it on retriable errors when outermost."""
         _refuse_unsupported(func)
+        if inspect.iscoroutinefunction(func):
+            from . import _async
+
+            return _async.decorate(self, func)  # type: ignore[return-value]
 
         @functools.wraps(func)
         def atomic_call(*args: P.args, **kwargs: P.kwargs) -> R:
             state = self._state()
+            refuse_mixing(async_block=False)
             session = state.registry()
             txn: _Transaction | None = session.info.get(_TXN)
             if txn is not None:
@@ -385,14 +391,34 @@ class Atomic:
 
     # -- with block ----------------------------------------------------------
 
-    def __enter__(self) -> Session:
+    def _refuse_retry_options(self) -> None:
         for name in sorted(self._explicit & _RETRY_OPTIONS):
             raise ConfigError(
                 f"{name!r} cannot be used with a 'with atomic(...)' block (got"
                 f" {name}={getattr(self, name)!r}): a block cannot be re-run. Decorate a"
                 f" function with '@atomic({name}=...)' instead."
             )
+
+    async def __aenter__(self) -> AsyncSession:
+        from . import _async
+
+        self._refuse_retry_options()
+        return await _async.enter_block(self)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        from . import _async
+
+        return await _async.exit_block(exc_type, exc, tb)
+
+    def __enter__(self) -> Session:
+        self._refuse_retry_options()
         state = self._state()
+        refuse_mixing(async_block=False)
         session = state.registry()
         txn: _Transaction | None = session.info.get(_TXN)
         if txn is not None:
@@ -546,17 +572,25 @@ def _check_retry_on(value: object) -> RetryOn | None:
 
 
 def _refuse_unsupported(func: Callable[..., Any]) -> None:
-    """A generator or coroutine would run after the transaction ended."""
+    """A generator's body would run after the transaction ended."""
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
-        kind = "generator"
-    elif inspect.iscoroutinefunction(func):
-        kind = "coroutine (async def)"
-    else:
+        raise UsageError(
+            f"'atomic' cannot decorate {func.__qualname__!r}, a generator function: its"
+            " body would run after the transaction had ended. Decorate a plain function"
+            " (or coroutine) that builds the data, and stream outside it."
+        )
+
+
+def refuse_mixing(*, async_block: bool) -> None:
+    """Sync and async blocks use different sessions: one cannot nest in the other."""
+    txn = _current.get()
+    if txn is None or (txn.exposed is not txn.session) == async_block:
         return
+    inner, outer = ("an async", "a sync") if async_block else ("a sync", "an async")
     raise UsageError(
-        f"'atomic' cannot decorate {func.__qualname__!r}, a {kind} function: its body"
-        " would run after the transaction had ended. Decorate a plain function that"
-        " builds the data, and stream or await outside it."
+        f"{inner} atomic block was entered inside {outer} one. They use different"
+        " sessions and connections, so the inner one would be a separate transaction"
+        " that commits on its own. Make both sync or both async."
     )
 
 

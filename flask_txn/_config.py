@@ -50,6 +50,8 @@ DEFAULTS: dict[str, Any] = {
     "TXN_RETRY_SLEEP": time.sleep,
     "TXN_RETRY_RANDOM": random.random,
     "TXN_SQLITE_BEGIN": "IMMEDIATE",
+    "TXN_ASYNC_DATABASE_URI": None,
+    "TXN_ASYNC_ENGINE_OPTIONS": {},
 }
 
 OPTION_NAMES = {key.removeprefix("TXN_").lower(): key for key in DEFAULTS}
@@ -87,6 +89,8 @@ class Settings:
     sleep: Callable[[float], object]
     random: Callable[[], float]
     sqlite_begin: str
+    async_url: URL | None
+    async_engine_options: Mapping[str, Any]
 
 
 def hide_password(value: object) -> str:
@@ -136,6 +140,12 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
         random=_check_callable("TXN_RETRY_RANDOM", config["TXN_RETRY_RANDOM"], "random.random"),
         sqlite_begin=_check_choice(
             "TXN_SQLITE_BEGIN", _upper(config["TXN_SQLITE_BEGIN"]), SQLITE_BEGIN_MODES
+        ),
+        async_url=None
+        if config["TXN_ASYNC_DATABASE_URI"] is None
+        else _check_url(config["TXN_ASYNC_DATABASE_URI"], "TXN_ASYNC_DATABASE_URI"),
+        async_engine_options=_check_mapping(
+            "TXN_ASYNC_ENGINE_OPTIONS", config["TXN_ASYNC_ENGINE_OPTIONS"], "{'echo': True}"
         ),
     )
 
@@ -232,7 +242,7 @@ def check_wait_order(name: str, wait_initial: float, wait_max: float) -> None:
         )
 
 
-def _check_url(value: object) -> URL:
+def _check_url(value: object, name: str = "TXN_DATABASE_URI") -> URL:
     if value is None:
         raise ConfigError(
             "'TXN_DATABASE_URI' is not set. Set it in the app's config (or pass"
@@ -241,7 +251,7 @@ def _check_url(value: object) -> URL:
         )
     if not isinstance(value, str | URL):
         raise ConfigError(
-            f"'TXN_DATABASE_URI' must be a URL string or a sqlalchemy.engine.URL, got a"
+            f"{name!r} must be a URL string or a sqlalchemy.engine.URL, got a"
             f" {type(value).__name__}: {hide_password(value)!r}."
         )
     try:
@@ -249,7 +259,7 @@ def _check_url(value: object) -> URL:
     except (ArgumentError, ValueError):
         # ValueError: make_url parses the port with int() ("host:notaport").
         raise ConfigError(
-            f"'TXN_DATABASE_URI' is not a database URL: {hide_password(value)!r}. The form"
+            f"{name!r} is not a database URL: {hide_password(value)!r}. The form"
             " is 'dialect+driver://user:password@host:port/database', e.g."
             " 'sqlite:///app.db' or 'postgresql+psycopg2://user:password@localhost/app'."
         ) from None
@@ -258,7 +268,7 @@ def _check_url(value: object) -> URL:
         url.get_dialect()
     except NoSuchModuleError:
         raise ConfigError(
-            f"'TXN_DATABASE_URI' names an unknown dialect or driver"
+            f"{name!r} names an unknown dialect or driver"
             f" {url.drivername!r}: {hide_password(url)!r}. Use a SQLAlchemy dialect such"
             " as 'sqlite', 'postgresql+psycopg2' or 'postgresql+psycopg', or install"
             " the package providing it."

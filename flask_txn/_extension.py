@@ -13,10 +13,11 @@ from typing import Any
 from flask import Flask, current_app, has_app_context
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.util import ScopedRegistry
 
-from . import _session
+from . import _async, _session
 from ._atomic import Atomic, decorate_or_open, record_error, refuse_inner_commit
 from ._config import (
     DEFAULTS,
@@ -38,6 +39,8 @@ class _State:
     engine: Engine
     sessionmaker: sessionmaker[Session]
     registry: ScopedRegistry[Session]
+    #: for atomic coroutines; None when the app has no async database URL.
+    async_database: _async.AsyncDatabase | None
 
 
 class FlaskTxn:
@@ -84,7 +87,11 @@ class FlaskTxn:
         factory = _session.make_sessionmaker(engine, settings)
         event.listen(factory, "before_commit", refuse_inner_commit)
         self._states[app] = _State(
-            settings, engine, factory, _session.make_registry(factory, settings.scope)
+            settings,
+            engine,
+            factory,
+            _session.make_registry(factory, settings.scope),
+            _async.make_database(settings),
         )
         weakref.finalize(app, engine.dispose)
         app.extensions["flask-txn"] = self
@@ -94,6 +101,14 @@ class FlaskTxn:
     def engine(self) -> Engine:
         """The current app's engine."""
         return self._get_state().engine
+
+    @property
+    def async_session(self) -> AsyncSession:
+        """The ``AsyncSession`` of the innermost async atomic block of the current task.
+
+        .. versionadded:: 0.1.0
+        """
+        return _async.current_session()
 
     @property
     def settings(self) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import weakref
@@ -17,7 +18,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmake
 from sqlalchemy.util import ScopedRegistry, ThreadLocalRegistry
 
 from ._config import Settings
-from ._errors import ConfigError
+from ._errors import ConfigError, UsageError
 
 #: ``session.info`` keys. The owner is the app context that created the session:
 #: only that context's teardown removes it.
@@ -145,10 +146,26 @@ def claim(session: Session) -> Session:
     return session
 
 
+def _refuse_in_event_loop() -> None:
+    """Flask runs an async view in a loop of its own, in another thread: a session made
+    there would never be removed by teardown, and would keep its connection."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise UsageError(
+        "'txn.session' was used inside a running event loop (an async view). Flask"
+        " runs each async view in a new loop in another thread, where teardown cannot"
+        " remove the session, so its connection would leak. Use 'txn.async_session'"
+        " inside an async '@atomic' block instead."
+    )
+
+
 def make_registry(factory: sessionmaker[Session], scope: Any) -> ScopedRegistry[Session]:
     """The per-app store of current sessions for ``TXN_SESSION_SCOPE``."""
 
     def create() -> Session:
+        _refuse_in_event_loop()
         return claim(factory())
 
     if scope == "thread":

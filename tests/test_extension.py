@@ -252,7 +252,7 @@ BAD_CONFIG = [
         3,
         [
             "Unknown config key 'TXN_RETRY': flask-txn reads only 'TXN_DATABASE_URI',",
-            "'TXN_SQLITE_BEGIN'. Did you mean 'TXN_RETRIES'?",
+            "'TXN_ASYNC_ENGINE_OPTIONS'. Did you mean 'TXN_RETRIES'?",
         ],
         id="unknown-key",
     ),

@@ -1,0 +1,397 @@
+"""@atomic on coroutines: AsyncSession transactions in Flask's async views, on PostgreSQL.
+
+Both async drivers run every test: psycopg 3 (whose URL flask-txn derives from
+a ``postgresql+psycopg`` app URL) and asyncpg (set by TXN_ASYNC_DATABASE_URI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import Counter
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from flask_txn import (
+    ConfigError,
+    FlaskTxn,
+    TransactionAbortedError,
+    UsageError,
+    atomic,
+    is_retryable,
+    on_commit,
+    sqlstate_of,
+    transaction_committed,
+    transaction_retrying,
+)
+
+from .conftest import Item
+
+TIMEOUT = 30
+FAIL_WITH = "DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = 'injected'; END $$"
+
+
+@pytest.fixture
+def database_url(postgresql_url: str) -> str:
+    """Async support is tested on PostgreSQL."""
+    return postgresql_url
+
+
+class Sleeper:
+    """``TXN_RETRY_SLEEP``: no wait, unless a test sets ``during`` (it may return an awaitable)."""
+
+    def __init__(self) -> None:
+        self.during: Any = None
+
+    def __call__(self, delay: float) -> Any:
+        return None if self.during is None else self.during(delay)
+
+
+@pytest.fixture(params=["psycopg", "asyncpg"])
+def async_app(request: pytest.FixtureRequest, make_app: Any, postgresql_url: str) -> Any:
+    """An app whose async blocks use psycopg 3 (URL derived) or asyncpg (URL configured)."""
+    base = sa.make_url(postgresql_url)
+    if request.param == "psycopg":
+        url = base.set(drivername="postgresql+psycopg")
+        config: dict[str, Any] = {}
+    else:
+        url = base
+        config = {"TXN_ASYNC_DATABASE_URI": base.set(drivername="postgresql+asyncpg")}
+    app, txn = make_app(url, TXN_RETRY_SLEEP=Sleeper(), **config)
+    with app.app_context(), atomic():
+        txn.session.add_all([Item(id=1, name="a"), Item(id=2, name="b")])
+    pool = txn._states[app].async_database.engine.sync_engine.pool
+    opened = OpenConnections()
+    sa.event.listen(pool, "connect", opened.connected)
+    sa.event.listen(pool, "close", opened.closed)
+    app.extensions["test-open-connections"] = opened
+    yield app, txn
+    assert opened.count == 0, "an async connection outlived its request"
+
+
+class OpenConnections:
+    """Counts the async engine's DBAPI connections opened and not yet closed (client side)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def connected(self, *_: Any) -> None:
+        with self.lock:
+            self.count += 1
+
+    def closed(self, *_: Any) -> None:
+        with self.lock:
+            self.count -= 1
+
+
+def async_connections(app: Flask) -> int:
+    """The async engine's connections that are open right now."""
+    return int(app.extensions["test-open-connections"].count)
+
+
+def values(app: Flask, txn: Any) -> dict[int, int]:
+    """Committed values by id."""
+    with app.app_context(), txn.engine.connect() as connection:
+        return dict(connection.execute(sa.select(Item.id, Item.value)).all())  # type: ignore[arg-type]
+
+
+def post_concurrently(app: Flask, *paths: str) -> list[Any]:
+    """POST each path from its own thread (each async view gets its own event loop)."""
+    responses: list[Any] = [None] * len(paths)
+
+    def post(index: int, path: str) -> None:
+        responses[index] = app.test_client().post(path)
+
+    threads = [threading.Thread(target=post, args=(i, p)) for i, p in enumerate(paths)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads), "a request hung"
+    return responses
+
+
+def test_async_view_commits_rolls_back_and_runs_callbacks(async_app: Any) -> None:
+    """An async view commits, an exception rolls back, on_commit runs after the commit."""
+    app, txn = async_app
+    sent = []
+
+    @app.post("/add/<int(signed=True):value>")
+    @atomic
+    async def add(value: int) -> str:
+        """Add an item."""
+        txn.async_session.add(Item(id=10 + value, name="new", value=value))
+        on_commit(lambda: sent.append(value))
+        if value < 0:
+            raise ValueError("negative")
+        return "ok"
+
+    app.testing = False
+    client = app.test_client()
+    assert client.post("/add/5").status_code == 200
+    assert client.post("/add/-1").status_code == 500
+    assert add.__name__ == "add"
+    assert add.__doc__ == "Add an item."
+    assert sent == [5]
+    assert values(app, txn) == {1: 0, 2: 0, 15: 5}
+
+
+def test_async_savepoint_and_veto(async_app: Any) -> None:
+    """A nested async block is a savepoint; an error response rolls the view back."""
+    app, txn = async_app
+
+    @app.post("/nested")
+    @atomic
+    async def nested() -> str:
+        session = txn.async_session
+        (await session.get(Item, 1)).value = 1
+        with pytest.raises(KeyError):
+            async with atomic() as inner:
+                assert inner is session
+                (await session.get(Item, 2)).value = 2
+                await session.flush()
+                raise KeyError
+        return "ok"
+
+    @app.post("/veto")
+    @atomic
+    async def veto() -> tuple[str, int]:
+        (await txn.async_session.get(Item, 2)).value = 99
+        return "no", 409
+
+    client = app.test_client()
+    assert client.post("/nested").status_code == 200
+    assert client.post("/veto").status_code == 409
+    assert values(app, txn) == {1: 1, 2: 0}
+
+
+def test_async_with_block_and_isolation(async_app: Any) -> None:
+    """``async with atomic(isolation=...)`` applies the level and commits on exit."""
+    app, _txn = async_app
+
+    @app.get("/level")
+    async def level() -> str:
+        async with atomic(isolation="SERIALIZABLE", readonly=True) as session:
+            result = await session.execute(sa.text("SHOW transaction_isolation"))
+            return str(result.scalar())
+
+    assert app.test_client().get("/level").text == "serializable"
+
+
+def test_concurrent_update_in_async_views_is_retried(async_app: Any) -> None:
+    """Two async read-modify-write views on one row: a real 40001, retried, no lost update."""
+    app, txn = async_app
+    calls: Counter[str] = Counter()
+    barrier = threading.Barrier(2, timeout=TIMEOUT)
+
+    @app.post("/increment/<name>")
+    @atomic(isolation="SERIALIZABLE")
+    async def increment(name: str) -> str:
+        item = await txn.async_session.get(Item, 1)
+        calls[name] += 1
+        if calls[name] == 1:
+            await asyncio.to_thread(barrier.wait)  # both have read 0
+        item.value += 1
+        return "ok"
+
+    sqlstates: list[Any] = []
+    with transaction_retrying.connected_to(lambda _, **p: sqlstates.append(p["sqlstate"])):
+        responses = post_concurrently(app, "/increment/a", "/increment/b")
+    assert [r.status_code for r in responses] == [200, 200]
+    assert sqlstates == ["40001"]
+    assert values(app, txn)[1] == 2
+
+
+def test_deadlock_in_async_views_is_retried(async_app: Any) -> None:
+    """Opposite lock orders in two async views: a real 40P01, the victim re-run."""
+    app, txn = async_app
+    calls: Counter[str] = Counter()
+    barrier = threading.Barrier(2, timeout=TIMEOUT)
+
+    @app.post("/add/<int:first>/<int:second>/<int:amount>")
+    @atomic
+    async def add(first: int, second: int, amount: int) -> str:
+        update = sa.update(Item).values(value=Item.value + amount)
+        await txn.async_session.execute(update.where(Item.id == first))
+        calls[str(first)] += 1
+        if calls[str(first)] == 1:
+            await asyncio.to_thread(barrier.wait)
+        await txn.async_session.execute(update.where(Item.id == second))
+        return "ok"
+
+    sqlstates: list[Any] = []
+    with transaction_retrying.connected_to(lambda _, **p: sqlstates.append(p["sqlstate"])):
+        post_concurrently(app, "/add/1/2/1", "/add/2/1/10")
+    assert sqlstates == ["40P01"]
+    assert values(app, txn) == {1: 11, 2: 11}
+
+
+def test_connection_released_during_async_backoff(async_app: Any) -> None:
+    """While an async retry waits (asyncio.sleep), no connection of the attempt is open."""
+    app, txn = async_app
+    open_during_wait: list[int] = []
+
+    async def record(_delay: float) -> None:
+        open_during_wait.append(async_connections(app))
+
+    app.config["TXN_RETRY_SLEEP"].during = record
+    calls = []
+
+    @app.post("/")
+    @atomic
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            await txn.async_session.execute(sa.text(FAIL_WITH.format(code="40001")))
+        return "ok"
+
+    assert app.test_client().post("/").status_code == 200
+    assert open_during_wait == [0]
+
+
+def test_swallowed_errors_in_async_views(async_app: Any) -> None:
+    """A caught 40001 is still retried; a caught other error is never reported committed."""
+    app, txn = async_app
+    calls = []
+
+    @atomic
+    async def swallow(code: str) -> None:
+        calls.append(code)
+        txn.async_session.add(Item(id=len(calls) + 20, name=code))
+        await txn.async_session.flush()
+        if len(calls) == 1 or code != "40001":
+            with contextlib.suppress(sa.exc.DBAPIError):
+                await txn.async_session.execute(sa.text(FAIL_WITH.format(code=code)))
+
+    with app.app_context():
+        asyncio.run(swallow("40001"))
+        with pytest.raises(TransactionAbortedError):
+            asyncio.run(swallow("22012"))
+    assert calls == ["40001", "40001", "22012"]
+    assert sorted(values(app, txn)) == [1, 2, 22]
+
+
+def test_signals_carry_the_async_session(async_app: Any) -> None:
+    """The commit signal's ``session`` is the AsyncSession the view used."""
+    app, txn = async_app
+    seen: list[Any] = []
+
+    @app.post("/")
+    @atomic
+    async def view() -> str:
+        seen.append(txn.async_session)
+        return "ok"
+
+    with transaction_committed.connected_to(lambda _, **p: seen.append(p["session"])):
+        app.test_client().post("/")
+    assert seen[0] is seen[1]
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_async_driver_errors_are_classified(postgresql_url: str, driver: str) -> None:
+    """asyncpg's and psycopg 3's async errors carry their SQLSTATE to is_retryable."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = sa.make_url(postgresql_url).set(drivername=f"postgresql+{driver}")
+
+    async def raise_code(code: str) -> BaseException:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(sa.text(FAIL_WITH.format(code=code)))
+        except sa.exc.DBAPIError as exc:
+            return exc
+        finally:
+            await engine.dispose()
+        raise AssertionError("the server did not raise")
+
+    for code, retriable in [("40001", True), ("40P01", True), ("23505", False)]:
+        error = asyncio.run(raise_code(code))
+        assert (sqlstate_of(error), is_retryable(error)) == (code, retriable)
+
+
+# -- what cannot work, and says so ------------------------------------------------
+
+
+def test_psycopg2_app_needs_an_async_url(make_app: Any, postgresql_url: str) -> None:
+    """With psycopg2 and no TXN_ASYNC_DATABASE_URI, an async block says which key to set."""
+    app, _ = make_app(postgresql_url)
+
+    @atomic
+    async def work() -> None:
+        pass
+
+    with app.app_context(), pytest.raises(UsageError, match="Set 'TXN_ASYNC_DATABASE_URI'"):
+        asyncio.run(work())
+
+
+def test_async_url_is_validated(postgresql_url: str) -> None:
+    """A bad TXN_ASYNC_DATABASE_URI fails in init_app, naming the key."""
+    app = Flask("bad_async")
+    app.config.update(TXN_DATABASE_URI=postgresql_url, TXN_ASYNC_DATABASE_URI="not a url")
+    with pytest.raises(ConfigError, match="'TXN_ASYNC_DATABASE_URI' is not a database URL"):
+        FlaskTxn(app)
+
+
+def test_sync_and_async_blocks_do_not_nest(async_app: Any) -> None:
+    """A sync block inside an async one (or the reverse) would be a separate transaction."""
+    app, _ = async_app
+
+    @atomic
+    def sync_helper() -> None:
+        pass
+
+    @atomic
+    async def calls_sync() -> None:
+        sync_helper()
+
+    @atomic
+    async def inner_async() -> None:
+        pass
+
+    @atomic
+    def calls_async() -> None:
+        asyncio.run(inner_async())
+
+    with app.app_context():
+        with pytest.raises(UsageError, match="a sync atomic block was entered inside an async"):
+            asyncio.run(calls_sync())
+        with pytest.raises(UsageError, match="an async atomic block was entered inside a sync"):
+            calls_async()
+
+
+def test_sync_session_inside_an_async_view_is_refused(async_app: Any) -> None:
+    """``txn.session`` in a running loop would leak its connection: a clear error instead."""
+    app, txn = async_app
+
+    @app.get("/")
+    async def view() -> str:
+        txn.session.get(Item, 1)
+        return "ok"
+
+    with app.app_context(), pytest.raises(UsageError, match="used inside a running event loop"):
+        asyncio.run(view())
+
+
+def test_async_session_outside_a_block_is_refused(async_app: Any) -> None:
+    """``txn.async_session`` exists only inside an async atomic block."""
+    app, txn = async_app
+    with app.app_context(), pytest.raises(UsageError, match="only available inside an async"):
+        txn.async_session  # noqa: B018
+
+
+def test_retries_on_an_async_block_are_refused(async_app: Any) -> None:
+    """``async with atomic(retries=...)`` cannot re-run its body."""
+    app, _ = async_app
+
+    async def block() -> None:
+        async with atomic(retries=2):
+            pass
+
+    with app.app_context(), pytest.raises(ConfigError, match="'retries' cannot be used"):
+        asyncio.run(block())
