@@ -29,7 +29,7 @@ txn_faults = testing.txn_faults
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 #: Pages with Python blocks of their own; a test below checks that no page is missed.
-PAGES = ["atomic", "config", "locking", "retries", "signals", "testing"]
+PAGES = ["async", "atomic", "config", "locking", "retries", "signals", "testing"]
 #: The database URL written in docs/locking.md, replaced by the test server's.
 LOCKING_URL = "postgresql+psycopg2://localhost/app"
 
@@ -348,3 +348,40 @@ def test_locking_page_versioned_document_refuses_a_stale_form(
     stale = client.post("/documents/7", data={"version": "1", "body": "b"})
     fresh = client.post("/documents/7", data={"version": "2", "body": "b"})
     assert (stale.status_code, fresh.status_code) == (409, 200)
+
+
+class SnippetCounter(PreludeBase):
+    __tablename__ = "snippet_counter"
+
+    name: Mapped[str] = mapped_column(sa.String(50), primary_key=True)
+    value: Mapped[int] = mapped_column(default=0)
+
+
+def test_async_page_runs(postgresql_url: str) -> None:
+    """async.md: the async view counts a hit and the report block reads the total."""
+    import logging
+
+    url = sa.make_url(postgresql_url).set(drivername="postgresql+psycopg")
+    app = Flask("async_page")
+    app.config["TXN_DATABASE_URI"] = url
+    namespace: dict[str, Any] = {
+        "app": app,
+        "Counter": SnippetCounter,
+        "log": logging.getLogger("async_page"),
+        "select": sa.select,
+        "func": sa.func,
+    }
+    run_page("async", namespace)
+    txn = namespace["txn"]
+    with app.app_context():
+        PreludeBase.metadata.create_all(txn.engine, tables=[SnippetCounter.__table__])
+        with atomic():
+            txn.session.add(SnippetCounter(name="home", value=1))
+    try:
+        client = app.test_client()
+        assert client.post("/counters/home").json == {"value": 2}
+        assert client.get("/report").json == {"total": 2}
+    finally:
+        with app.app_context():
+            PreludeBase.metadata.drop_all(txn.engine, tables=[SnippetCounter.__table__])
+            txn.engine.dispose()
