@@ -282,10 +282,7 @@ class Atomic:
 
         @functools.wraps(func)
         def atomic_call(*args: P.args, **kwargs: P.kwargs) -> R:
-            state = self._state()
-            refuse_mixing(async_block=False)
-            session = state.registry()
-            txn: _Transaction | None = session.info.get(_TXN)
+            state, session, txn = self._open()
             if txn is not None:
                 # Inside another block: a savepoint, and the outermost block
                 # alone decides about retries.
@@ -417,10 +414,7 @@ class Atomic:
 
     def __enter__(self) -> Session:
         self._refuse_retry_options()
-        state = self._state()
-        refuse_mixing(async_block=False)
-        session = state.registry()
-        txn: _Transaction | None = session.info.get(_TXN)
+        state, session, txn = self._open()
         if txn is not None:
             self._check_nested(txn)
             _Savepoint(txn).__enter__()
@@ -464,6 +458,13 @@ class Atomic:
         return False
 
     # -- shared --------------------------------------------------------------
+
+    def _open(self) -> tuple[_State, Session, _Transaction | None]:
+        """The app's state, its current session, and the block already open on it."""
+        state = self._state()
+        refuse_mixing(async_block=False)
+        session = state.registry()
+        return state, session, session.info.get(_TXN)
 
     def _state(self) -> _State:
         extension = self._extension

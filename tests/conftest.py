@@ -7,6 +7,8 @@ server instead of starting one.
 from __future__ import annotations
 
 import os
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -94,3 +96,21 @@ def count_items(app: Flask, txn: FlaskTxn) -> int:
     """Rows in ``item``, read on a fresh connection outside any session."""
     with app.app_context(), txn.engine.connect() as connection:
         return int(connection.scalar(sa.select(sa.func.count()).select_from(Item)) or 0)
+
+
+class Attempts:
+    """Counts calls per thread, so a barrier is awaited on the first attempt only."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def first(self) -> bool:
+        """Record a call by this thread; True if it is its first."""
+        with self.lock:
+            self.calls[threading.current_thread().name] += 1
+            return self.calls[threading.current_thread().name] == 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())

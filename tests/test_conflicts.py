@@ -8,7 +8,6 @@ needs them to, on the first attempt only. No sleeps.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ import sqlalchemy as sa
 
 from flask_txn import AmbiguousCommitError, atomic, on_commit, transaction_retrying
 
-from .conftest import Item
+from .conftest import Attempts, Item
 
 TIMEOUT = 30
 
@@ -35,24 +34,6 @@ def bank(make_app: Any) -> Any:
     with app.app_context(), atomic():
         txn.session.add_all([Item(id=1, name="a"), Item(id=2, name="b")])
     return app, txn
-
-
-class Attempts:
-    """Counts calls per thread, so a barrier is awaited on the first attempt only."""
-
-    def __init__(self) -> None:
-        self.calls: Counter[str] = Counter()
-        self.lock = threading.Lock()
-
-    def first(self) -> bool:
-        """Record a call by this thread; True if it is its first."""
-        with self.lock:
-            self.calls[threading.current_thread().name] += 1
-            return self.calls[threading.current_thread().name] == 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.calls.values())
 
 
 def run_concurrently(app: Any, *requests: tuple[str, str]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from flask_txn import (
     try_advisory_lock,
 )
 
-from .conftest import AppFactory, Item
+from .conftest import AppFactory, Attempts, Item
 
 TIMEOUT = 10
 ROUNDS = 50
@@ -194,24 +193,6 @@ class Background:
             thread.join(TIMEOUT)
         assert not any(thread.is_alive() for thread in self.threads), "a thread hung"
         return self.errors
-
-
-class Attempts:
-    """Counts calls per thread, so a barrier is awaited on the first attempt only."""
-
-    def __init__(self) -> None:
-        self.calls: Tally[str] = Tally()
-        self.lock = threading.Lock()
-
-    def first(self) -> bool:
-        """Record a call by this thread; True if it is its first."""
-        with self.lock:
-            self.calls[threading.current_thread().name] += 1
-            return self.calls[threading.current_thread().name] == 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.calls.values())
 
 
 # -- lock_rows: results ---------------------------------------------------------
