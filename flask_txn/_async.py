@@ -251,9 +251,7 @@ async def enter_block(block: Atomic) -> AsyncSession:
     txn = _current.get()
     if txn is not None:
         block._check_nested(txn)
-        savepoint = _AsyncSavepoint(txn)
-        await savepoint.__aenter__()
-        txn.frames.append(savepoint)
+        await _AsyncSavepoint(txn).__aenter__()  # pushes the savepoint's frame
         return current_session()
     database = await database_of(state)
     engine = database.engine.sync_engine
@@ -283,11 +281,12 @@ async def exit_block(
     """End the innermost ``async with atomic():`` block of this task."""
     txn = _current.get()
     assert txn is not None, "__aexit__ without __aenter__"
-    frame = txn.frames.pop()
-    if isinstance(frame, _AsyncSavepoint):
-        await frame.__aexit__(exc_type, exc, tb)
-        return False
+    frame = txn.frames[-1]
     session: AsyncSession = txn.exposed
+    if isinstance(frame, _Savepoint):
+        await session.run_sync(_step, frame.__exit__, exc_type, exc, tb)  # pops its frame
+        return False
+    txn.frames.pop()
     try:
         failure = await session.run_sync(_step, _finish_block, txn, exc)
     finally:

@@ -426,8 +426,10 @@ class Atomic:
         try:
             _begin(txn)
         except BaseException as exc:
-            _rollback(txn, reason="error", error=exc)
-            _current.reset(token)
+            try:
+                _rollback(txn, reason="error", error=exc)
+            finally:
+                _current.reset(token)
             raise
         txn.frames.append(token)
         return session
@@ -438,19 +440,23 @@ class Atomic:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Literal[False]:
-        session = self._state().registry()
-        txn: _Transaction | None = session.info.get(_TXN)
-        if txn is None:
-            raise UsageError(
-                "The session was removed or closed inside a 'with atomic()' block; the"
-                " transaction is lost. Do not call 'session.remove()' inside a block."
-            )
+        # The innermost open block of this context, found the way it was
+        # entered, so that no path out of here leaves it set.
+        txn = _current.get()
+        assert txn is not None, "__exit__ without __enter__"
         frame = txn.frames[-1]
         if isinstance(frame, _Savepoint):
-            frame.__exit__(exc_type, exc, tb)
+            frame.__exit__(exc_type, exc, tb)  # pops its own frame
             return False
         txn.frames.pop()
         try:
+            if self._state().registry() is not txn.session:
+                _end(txn)
+                txn.session.rollback()
+                raise UsageError(
+                    "The session was removed inside a 'with atomic()' block, so the"
+                    " transaction was lost. Do not call 'session.remove()' inside a block."
+                )
             failure = _finish_block(txn, exc)
         finally:
             _current.reset(frame)

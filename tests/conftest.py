@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from flask_txn import FlaskTxn
+from flask_txn import FlaskTxn, _atomic
 
 from . import pgserver
 
@@ -34,6 +34,13 @@ class Item(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(50), default="")
     value: Mapped[int] = mapped_column(default=0)
+
+
+@pytest.fixture(autouse=True)
+def no_block_left_open() -> Iterator[None]:
+    """A test leaves no atomic block open: a leaked one would reach the tests after it."""
+    yield
+    assert _atomic._current.get() is None, "an atomic block was left open"
 
 
 @pytest.fixture(scope="session")

@@ -773,9 +773,13 @@ def test_session_removed_inside_a_block_is_an_error(app_txn: Any) -> None:
     app, txn = app_txn
     with (
         app.app_context(),
-        pytest.raises(UsageError, match="removed or closed inside a 'with atomic\\(\\)' block"),
+        pytest.raises(UsageError, match="removed inside a 'with atomic\\(\\)' block"),
         atomic(),
     ):
+        txn.session.remove()
+    with app.app_context():
+        with pytest.raises(UsageError, match="outside of an atomic block"):
+            on_commit(lambda: None)  # no block is left open in this context
         txn.session.remove()
 
 
