@@ -10,6 +10,7 @@ runs each scenario's variants interleaved, prints markdown tables and writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -151,6 +152,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="run only these scenarios (repeatable); scaling needs transfers for its 8 clients",
     )
     parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds of every scenario, instead of the mode's"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=int,
+        help="seconds per run of scenarios 2 to 5 (pgbench takes whole seconds)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=ROOT / "benchmarks" / "results",
@@ -158,6 +167,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     mode = MODES["smoke"] if args.smoke else MODES["quick"] if args.quick else FULL
+    for name, value in (("--rounds", args.rounds), ("--seconds", args.seconds)):
+        if value is not None and not 1 <= value <= 60:
+            parser.error(f"argument {name}: must be from 1 to 60, got {value!r}")
+    if args.rounds:
+        mode = dataclasses.replace(
+            mode,
+            overhead_rounds=args.rounds,
+            rounds=args.rounds,
+            scaling_rounds=args.rounds,
+            backoff_rounds=args.rounds,
+        )
+    if args.seconds:
+        mode = dataclasses.replace(
+            mode, seconds=args.seconds, scaling_seconds=args.seconds, backoff_seconds=args.seconds
+        )
     run(mode, args.only or SCENARIOS, args.out)
 
 
