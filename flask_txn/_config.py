@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from ._errors import ConfigError
+from ._timeouts import Timeouts, read_timeouts
 
 ISOLATION_LEVELS = ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 SCOPES = ("thread", "app_context")
@@ -46,6 +47,11 @@ DEFAULTS: dict[str, Any] = {
     "TXN_RETRY_WAIT_INITIAL": 0.02,
     "TXN_RETRY_WAIT_MAX": 1.0,
     "TXN_RETRY_DEADLINE": None,
+    "TXN_CONNECT_TIMEOUT": 10.0,
+    "TXN_TCP_TIMEOUT": 30.0,
+    "TXN_STATEMENT_TIMEOUT": None,
+    "TXN_READ_TIMEOUT": None,
+    "TXN_POOL_TIMEOUT": None,
     "TXN_ROLLBACK_ON_STATUS": 400,
     "TXN_RETRY_SLEEP": time.sleep,
     "TXN_RETRY_RANDOM": random.random,
@@ -85,6 +91,7 @@ class Settings:
     on_discard: DiscardPolicy
     isolation: str | None
     retry: RetryPolicy
+    timeouts: Timeouts
     rollback_on_status: StatusVeto
     sleep: Callable[[float], object]
     random: Callable[[], float]
@@ -118,8 +125,12 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
     wait_initial = check_seconds("TXN_RETRY_WAIT_INITIAL", config["TXN_RETRY_WAIT_INITIAL"])
     wait_max = check_seconds("TXN_RETRY_WAIT_MAX", config["TXN_RETRY_WAIT_MAX"])
     check_wait_order("TXN_RETRY_WAIT_MAX", wait_initial, wait_max)
+    url = _check_url(config["TXN_DATABASE_URI"])
+    deadline = check_seconds(
+        "TXN_RETRY_DEADLINE", config["TXN_RETRY_DEADLINE"], optional=True, zero=False
+    )
     return Settings(
-        url=_check_url(config["TXN_DATABASE_URI"]),
+        url=url,
         engine_options=_check_mapping(
             "TXN_ENGINE_OPTIONS", config["TXN_ENGINE_OPTIONS"], "{'pool_size': 10}"
         ),
@@ -131,10 +142,9 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
             retries=check_retries("TXN_RETRIES", config["TXN_RETRIES"]),
             wait_initial=wait_initial,
             wait_max=wait_max,
-            deadline=check_seconds(
-                "TXN_RETRY_DEADLINE", config["TXN_RETRY_DEADLINE"], optional=True, zero=False
-            ),
+            deadline=deadline,
         ),
+        timeouts=read_timeouts(config, url, deadline),
         rollback_on_status=_check_status_veto(config["TXN_ROLLBACK_ON_STATUS"]),
         sleep=_check_callable("TXN_RETRY_SLEEP", config["TXN_RETRY_SLEEP"], "time.sleep"),
         random=_check_callable("TXN_RETRY_RANDOM", config["TXN_RETRY_RANDOM"], "random.random"),

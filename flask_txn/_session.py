@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
 from sqlalchemy.util import ScopedRegistry, ThreadLocalRegistry
 
+from . import _timeouts
 from ._config import Settings
 from ._errors import ConfigError, UsageError
 
@@ -42,7 +43,11 @@ os.register_at_fork(after_in_child=_dispose_after_fork)
 
 def make_engine(settings: Settings) -> Engine:
     """Create the app's engine with flask-txn's per-dialect defaults under the user's options."""
-    options = {**_dialect_defaults(settings.url), **settings.engine_options}
+    options = _timeouts.engine_options(
+        settings.url,
+        settings.timeouts,
+        {**_dialect_defaults(settings.url), **settings.engine_options},
+    )
     try:
         engine = sa.create_engine(settings.url, **options)
     except TypeError as exc:
@@ -54,6 +59,7 @@ def make_engine(settings: Settings) -> Engine:
         ) from None
     if engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite":
         _use_sqlite_transactions(engine)
+    _timeouts.watch(engine, settings.timeouts.read)
     _ENGINES.add(engine)
     return engine
 

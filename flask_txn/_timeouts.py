@@ -1,0 +1,363 @@
+"""Bounding how long a request can wait on the database: the timeout keys and the read watchdog.
+
+Retrying bounds the number of attempts; these bound each attempt, so that a
+request whose database or network stopped answering fails (or is retried)
+instead of hanging. Each ``TXN_*`` key becomes what the driver or the pool
+offers:
+
+========================  ========================================  ==================
+key                       PostgreSQL, psycopg2 and psycopg          other databases
+========================  ========================================  ==================
+TXN_CONNECT_TIMEOUT       libpq ``connect_timeout``                 not applied
+TXN_TCP_TIMEOUT           libpq ``keepalives*``, ``tcp_user_timeout`` not applied
+TXN_STATEMENT_TIMEOUT     ``statement_timeout`` at connect          refused if set
+TXN_READ_TIMEOUT          the watchdog below                        refused if set
+TXN_POOL_TIMEOUT          ``pool_timeout`` of a QueuePool           the same
+========================  ========================================  ==================
+
+libpq has no read timeout: a server that stopped (or a network device that
+froze a connection while its TCP peer still answers) leaves a query waiting
+forever. The watchdog closes the socket under a statement, COMMIT, ROLLBACK or
+pre-ping that has had no reply for ``TXN_READ_TIMEOUT`` seconds; the driver
+then reports a lost connection, which ``atomic`` retries (before COMMIT) or
+raises as :class:`~flask_txn.AmbiguousCommitError` (during COMMIT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import heapq
+import itertools
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sqlalchemy import pool
+from sqlalchemy.engine import URL, Engine
+
+from ._errors import ConfigError
+
+log = logging.getLogger("flask_txn")
+
+#: Drivers whose connection parameters and sockets flask-txn knows (libpq's).
+LIBPQ_DRIVERS = ("psycopg2", "psycopg")
+#: The read timeout exceeds the statement timeout by this much, so that the
+#: server's own, clearer error (SQLSTATE 57014) arrives first.
+READ_MARGIN = 1.0
+#: libpq's smallest connect_timeout: a smaller one is raised to it.
+_LIBPQ_MIN_CONNECT = 2
+#: TCP keepalive probes sent before the connection is declared dead.
+_KEEPALIVE_COUNT = 3
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timeouts:
+    """The timeouts in force for one app, in seconds; None where none applies."""
+
+    connect: float | None
+    tcp: float | None
+    statement: float | None
+    read: float | None
+    pool: float | None
+    #: where ``statement``, ``read`` and ``pool`` came from: a key, or the key
+    #: they were derived from.
+    sources: Mapping[str, str]
+
+
+def _seconds(name: str, value: object, *, allowed: str, zero: bool) -> float | None:
+    """A positive (or, with ``zero``, non-negative) finite number of seconds, or None."""
+    if value is None:
+        return None
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):
+            seconds = float(value)
+    if seconds is None or not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
+        raise ConfigError(f"{name!r} must be {allowed}, got {value!r}.")
+    return seconds
+
+
+def read_timeouts(config: Mapping[str, Any], url: URL, deadline: float | None) -> Timeouts:
+    """Validate the timeout keys and derive the unset ones from ``TXN_RETRY_DEADLINE``.
+
+    :param config: the app's config, defaults filled in.
+    :param url: the validated database URL, to refuse what its driver cannot honour.
+    :param deadline: the validated ``TXN_RETRY_DEADLINE``.
+    """
+    connect = _seconds(
+        "TXN_CONNECT_TIMEOUT",
+        config["TXN_CONNECT_TIMEOUT"],
+        allowed="a finite number of seconds > 0, or None for the driver's default (no limit)",
+        zero=False,
+    )
+    tcp = _seconds(
+        "TXN_TCP_TIMEOUT",
+        config["TXN_TCP_TIMEOUT"],
+        allowed="a finite number of seconds > 0, or None for the operating system's defaults",
+        zero=False,
+    )
+    statement = _seconds(
+        "TXN_STATEMENT_TIMEOUT",
+        config["TXN_STATEMENT_TIMEOUT"],
+        allowed="a finite number of seconds > 0, 0 for no limit, or None to use"
+        " 'TXN_RETRY_DEADLINE'",
+        zero=True,
+    )
+    read = _seconds(
+        "TXN_READ_TIMEOUT",
+        config["TXN_READ_TIMEOUT"],
+        allowed="a finite number of seconds > 0, 0 for no limit, or None for the statement"
+        f" timeout plus {READ_MARGIN:g} s",
+        zero=True,
+    )
+    pool_timeout = _seconds(
+        "TXN_POOL_TIMEOUT",
+        config["TXN_POOL_TIMEOUT"],
+        allowed="a finite number of seconds > 0, or None to use 'TXN_RETRY_DEADLINE'",
+        zero=False,
+    )
+    libpq = uses_libpq(url)
+    for name, value in (("TXN_STATEMENT_TIMEOUT", statement), ("TXN_READ_TIMEOUT", read)):
+        if value and not libpq:
+            raise ConfigError(
+                f"{name!r} is {config[name]!r}, but flask-txn applies it only to PostgreSQL"
+                f" through {' or '.join(LIBPQ_DRIVERS)}, and the database URL uses"
+                f" {url.drivername!r}. Set {name!r} to None for this database."
+            )
+    sources = {
+        "statement": "TXN_STATEMENT_TIMEOUT" if statement is not None else "TXN_RETRY_DEADLINE",
+        "pool": "TXN_POOL_TIMEOUT" if pool_timeout is not None else "TXN_RETRY_DEADLINE",
+        "read": "TXN_READ_TIMEOUT" if read is not None else "the statement timeout",
+    }
+    if statement is None:
+        statement = deadline if libpq else None
+    if pool_timeout is None:
+        pool_timeout = deadline
+    if read is None:
+        read = statement + READ_MARGIN if statement else None
+    elif statement and read and read <= statement:
+        raise ConfigError(
+            f"'TXN_READ_TIMEOUT' ({read:g} s) must be longer than the statement timeout in"
+            f" force ({statement:g} s, from {sources['statement']!r}): the server's own"
+            " timeout ends a slow statement with a clear error and keeps the connection,"
+            " while the read timeout is the last resort for a server or network that"
+            " stopped answering. Raise 'TXN_READ_TIMEOUT' or lower the statement timeout."
+        )
+    return Timeouts(
+        connect=connect,
+        tcp=tcp,
+        statement=statement or None,
+        read=read or None,
+        pool=pool_timeout,
+        sources=sources,
+    )
+
+
+def uses_libpq(url: URL) -> bool:
+    """True if the URL's driver is one whose libpq parameters flask-txn sets."""
+    return url.get_backend_name() == "postgresql" and url.get_driver_name() in LIBPQ_DRIVERS
+
+
+def engine_options(url: URL, timeouts: Timeouts, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` for ``create_engine`` with the timeouts added beneath the user's own.
+
+    A connection parameter in the user's ``connect_args`` or in the URL's query
+    wins over flask-txn's; a user's libpq ``options`` string is kept after
+    flask-txn's, so its ``-c`` settings win too.
+
+    :param url: the database URL.
+    :param timeouts: the app's timeouts.
+    :param options: ``TXN_ENGINE_OPTIONS`` over flask-txn's other engine defaults.
+    """
+    merged = dict(options)
+    if uses_libpq(url):
+        given = dict(merged.get("connect_args", {}))
+        ours = _libpq_parameters(timeouts)
+        if "options" in ours:
+            theirs = given.get("options", url.query.get("options"))
+            if isinstance(theirs, str) and theirs.strip():
+                ours["options"] = f"{ours['options']} {theirs}"
+            given.pop("options", None)
+        for key, value in ours.items():
+            if key == "options" or (key not in given and key not in url.query):
+                given[key] = value
+        merged["connect_args"] = given
+    if timeouts.pool is not None and "pool_timeout" not in merged and "pool" not in merged:
+        dialect: Any = url.get_dialect()  # a DefaultDialect subclass, which has get_pool_class
+        poolclass = merged.get("poolclass") or dialect.get_pool_class(url)
+        if issubclass(poolclass, pool.QueuePool):
+            merged["pool_timeout"] = timeouts.pool
+        elif timeouts.sources["pool"] == "TXN_POOL_TIMEOUT":
+            raise ConfigError(
+                f"'TXN_POOL_TIMEOUT' is {timeouts.pool!r}, but the engine's pool"
+                f" {poolclass.__name__} never makes a request wait for a connection, so it"
+                " has no timeout. Set 'TXN_POOL_TIMEOUT' to None, or use a QueuePool."
+            )
+    return merged
+
+
+def _libpq_parameters(timeouts: Timeouts) -> dict[str, Any]:
+    """libpq connection parameters for the timeouts (whole seconds where libpq wants them)."""
+    parameters: dict[str, Any] = {}
+    if timeouts.connect is not None:
+        parameters["connect_timeout"] = max(_LIBPQ_MIN_CONNECT, math.ceil(timeouts.connect))
+    if timeouts.tcp is not None:
+        # A dead idle peer is noticed after idle + count * interval <= tcp seconds;
+        # one that stops acknowledging data, after tcp seconds.
+        parameters.update(
+            keepalives=1,
+            keepalives_idle=max(1, math.floor(timeouts.tcp / 2)),
+            keepalives_interval=max(1, math.floor(timeouts.tcp / (2 * _KEEPALIVE_COUNT))),
+            keepalives_count=_KEEPALIVE_COUNT,
+            tcp_user_timeout=max(1, round(timeouts.tcp * 1000)),
+        )
+    if timeouts.statement is not None:
+        # A validated number, so the string is never user text.
+        milliseconds = max(1, round(timeouts.statement * 1000))
+        parameters["options"] = f"-c statement_timeout={int(milliseconds)}"
+    return parameters
+
+
+# -- the read watchdog ------------------------------------------------------------------
+
+#: Dialect methods that wait for the server, and what each is waiting for. The
+#: first ones take a cursor, the others a DBAPI connection.
+_CURSOR_METHODS = {
+    "do_execute": "a statement",
+    "do_executemany": "a statement",
+    "do_execute_no_params": "a statement",
+}
+_CONNECTION_METHODS = {"do_commit": "COMMIT", "do_rollback": "ROLLBACK", "do_ping": "the pre-ping"}
+
+
+class _Watchdog:
+    """One thread per process that shuts the sockets of operations past their deadline."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        #: token -> (socket's file descriptor, seconds allowed, what runs)
+        self._armed: dict[int, tuple[int, float, str]] = {}
+        #: (deadline, token), including tokens already disarmed
+        self._heap: list[tuple[float, int]] = []
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+        self.fired = 0
+
+    def arm(self, fd: int, seconds: float, what: str) -> int:
+        """Watch the socket ``fd`` for ``seconds``; return the token to disarm it with."""
+        deadline = time.monotonic() + seconds
+        with self._lock:
+            token = next(self._tokens)
+            self._armed[token] = (fd, seconds, what)
+            if len(self._heap) > 2 * len(self._armed) + 1024:
+                # Disarmed entries are dropped lazily: keep the heap from growing.
+                self._heap = [entry for entry in self._heap if entry[1] in self._armed]
+                heapq.heapify(self._heap)
+            heapq.heappush(self._heap, (deadline, token))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="flask-txn-read-watchdog", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0][1] == token:
+                self._wake.notify()
+        return token
+
+    def disarm(self, token: int) -> None:
+        """The operation ended: stop watching it."""
+        with self._lock:
+            # Absent if the watchdog fired on it meanwhile.
+            self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                fired = self._due()
+            for seconds, what in fired:
+                log.warning(
+                    "No reply from the database for %g s during %s ('TXN_READ_TIMEOUT'):"
+                    " closed the connection, so that the request fails or is retried"
+                    " instead of hanging.",
+                    seconds,
+                    what,
+                )
+
+    def _due(self) -> list[tuple[float, str]]:
+        """Wait (holding the lock between waits) until some operation is overdue; break it."""
+        while True:
+            while self._heap and self._heap[0][1] not in self._armed:
+                heapq.heappop(self._heap)
+            if not self._heap:
+                self._wake.wait()
+                continue
+            deadline, token = self._heap[0]
+            delay = deadline - time.monotonic()
+            if delay > 0:
+                self._wake.wait(delay)
+                continue
+            heapq.heappop(self._heap)
+            fd, seconds, what = self._armed.pop(token)
+            # Still under the lock: the operation has not returned (it would have
+            # disarmed first), so the descriptor is still its connection's socket.
+            _shut(fd)
+            self.fired += 1
+            return [(seconds, what)]
+
+
+def _shut(fd: int) -> None:
+    """Shut a socket down in both directions: a read blocked on it returns at once."""
+    with contextlib.suppress(OSError), socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as s:
+        # fromfd works on a duplicate descriptor; shutting that down shuts the socket.
+        s.shutdown(socket.SHUT_RDWR)
+
+
+watchdog = _Watchdog()
+
+
+def _new_watchdog_after_fork() -> None:
+    """A forked child has no watchdog thread, and the parent's lock may be held."""
+    global watchdog
+    watchdog = _Watchdog()
+
+
+os.register_at_fork(after_in_child=_new_watchdog_after_fork)
+
+
+def _guard(original: Callable[..., Any], seconds: float, what: str, cursor: bool) -> Any:
+    @functools.wraps(original)
+    def guarded(first: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            fd = (first.connection if cursor else first).fileno()
+        except Exception:
+            # No socket (a closed connection): the call itself reports that.
+            return original(first, *args, **kwargs)
+        current = watchdog
+        token = current.arm(fd, seconds, what)
+        try:
+            return original(first, *args, **kwargs)
+        finally:
+            current.disarm(token)
+
+    return guarded
+
+
+def watch(engine: Engine, seconds: float | None) -> None:
+    """Put every wait of the engine's dialect for the server under the read watchdog.
+
+    :param engine: an engine flask-txn made; its dialect object is its own.
+    :param seconds: ``TXN_READ_TIMEOUT`` in force, or None to leave the engine alone.
+    """
+    dialect = engine.dialect
+    if seconds is None or dialect.driver not in LIBPQ_DRIVERS or dialect.is_async:
+        return
+    for methods, cursor in ((_CURSOR_METHODS, True), (_CONNECTION_METHODS, False)):
+        for name, what in methods.items():
+            setattr(dialect, name, _guard(getattr(dialect, name), seconds, what, cursor))
