@@ -1,6 +1,7 @@
 """flask-txn: correct-by-default database transactions for Flask."""
 
 from ._atomic import Atomic, atomic, on_commit
+from ._errorhandlers import register_error_handlers
 from ._errors import (
     AmbiguousCommitError,
     ConfigError,
@@ -40,6 +41,7 @@ __all__ = [
     "is_retryable",
     "lock_rows",
     "on_commit",
+    "register_error_handlers",
     "sqlstate_of",
     "transaction_committed",
     "transaction_retrying",

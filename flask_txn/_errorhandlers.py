@@ -1,0 +1,143 @@
+"""Opt-in error responses for database failures a client can do something about.
+
+:func:`register_error_handlers` maps them to JSON responses, by ``reason``:
+
+- ``retries-exhausted`` (503): every attempt met a serialization failure,
+  deadlock or busy database;
+- ``database-unavailable`` (503): the database could not be reached, refused
+  the connection, or the connection was lost before COMMIT;
+- ``timeout`` (503): a statement or lock wait timed out, or no pooled
+  connection became free in time;
+- ``commit-unknown`` (502): :class:`~flask_txn.AmbiguousCommitError`, COMMIT
+  was sent and its outcome is unknown.
+
+Other database errors are left alone: Flask answers them as it answers any
+unhandled exception (500).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Flask, has_request_context, request
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from ._errors import AmbiguousCommitError, ConfigError
+from ._retry import is_disconnect, is_retryable, sqlstate_of
+
+log = logging.getLogger("flask_txn")
+
+#: SQLSTATEs (and MySQL error numbers) of a database that cannot be reached or
+#: used right now: connection exceptions (class 08), shutdown and start-up
+#: (57P01-57P03), too many connections (53300); MySQL's can't connect, server
+#: gone away and lost connection, too many connections.
+_UNAVAILABLE = frozenset(
+    {"57P01", "57P02", "57P03", "53300", "2002", "2003", "2006", "2013", "1040"}
+)
+#: Statement and lock timeouts: PostgreSQL's query_canceled (statement_timeout)
+#: and lock_not_available (lock_timeout, NOWAIT); MySQL's lock wait timeout.
+_TIMEOUT = frozenset({"57014", "55P03", "1205"})
+
+
+def classify(exc: BaseException) -> str | None:
+    """The ``reason`` :func:`register_error_handlers` answers ``exc`` with, or None."""
+    if isinstance(exc, AmbiguousCommitError):
+        return "commit-unknown"
+    if isinstance(exc, PoolTimeoutError):
+        return "timeout"
+    if not isinstance(exc, DBAPIError):
+        return None
+    code = sqlstate_of(exc)
+    if code in _TIMEOUT:
+        return "timeout"
+    if is_disconnect(exc) or code in _UNAVAILABLE or (code or "").startswith("08"):
+        return "database-unavailable"
+    if is_retryable(exc):
+        return "retries-exhausted"
+    if code is None and isinstance(exc, OperationalError):
+        # No SQLSTATE: the error came from the driver, not the server (refused,
+        # timed out, lost), so there was no server to answer.
+        return "database-unavailable"
+    return None
+
+
+def _message(reason: str, exc: BaseException, retry_after: int) -> str:
+    code = sqlstate_of(exc)
+    later = f" Send the request again in {retry_after} s."
+    if reason == "commit-unknown":
+        return (
+            "The connection to the database was lost while it committed this request, so"
+            " it may or may not have been carried out. Send the same request again with"
+            " the same Idempotency-Key to find out; a new key could carry it out twice."
+        )
+    if reason == "retries-exhausted":
+        attempts = getattr(exc, "txn_attempts", 1)
+        return (
+            f"The database refused the transaction {attempts} time(s) because of"
+            f" concurrent transactions (SQLSTATE {code}); nothing was saved." + later
+        )
+    if reason == "timeout":
+        what = "a connection" if code is None else f"the database (SQLSTATE {code})"
+        return f"The request timed out waiting for {what}; nothing was saved." + later
+    return "The database is unavailable; nothing was saved." + later
+
+
+def register_error_handlers(app: Flask | Blueprint, *, retry_after: int = 1) -> None:
+    """Answer database failures a client can retry with JSON responses instead of 500.
+
+    Retries used up, an unreachable database and timeouts get ``503 Service
+    Unavailable`` with a ``Retry-After`` header; an
+    :class:`~flask_txn.AmbiguousCommitError` gets ``502 Bad Gateway``, whose body
+    tells the client to send the request again with the same idempotency key.
+    Each body is ``{"error": <sentence>, "reason": <reason>}``, plus ``sqlstate``
+    and ``attempts`` where known; each response is logged as one WARNING line on
+    the ``flask_txn`` logger. See :doc:`/reliability` for the table.
+
+    Handlers are registered for ``OperationalError`` (which covers every
+    retriable and connection error), SQLAlchemy's pool ``TimeoutError`` and
+    ``AmbiguousCommitError``. An ``OperationalError`` of another kind (a full
+    disk, say) is re-raised, so Flask answers it as any unhandled error.
+
+    :param app: the app, or a blueprint to limit the handlers to its views.
+    :param retry_after: seconds for the ``Retry-After`` header, a whole number >= 0.
+
+    .. versionadded:: 0.1.0
+    """
+    if not isinstance(app, Flask | Blueprint):
+        raise ConfigError(
+            f"'register_error_handlers' needs a Flask app or a Blueprint, got {app!r}."
+            " Call it with the app (or blueprint) whose errors it should answer."
+        )
+    if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
+        raise ConfigError(
+            f"'retry_after' must be a whole number of seconds >= 0 (the Retry-After"
+            f" header), got {retry_after!r}."
+        )
+
+    def database_error(exc: Exception) -> Any:
+        reason = classify(exc)
+        if reason is None:
+            raise exc
+        status = 502 if reason == "commit-unknown" else 503
+        body: dict[str, Any] = {"error": _message(reason, exc, retry_after), "reason": reason}
+        # An ambiguous commit's SQLSTATE (40003, if any) is its cause's.
+        code = sqlstate_of(exc.__cause__ or exc if isinstance(exc, AmbiguousCommitError) else exc)
+        if code is not None:
+            body["sqlstate"] = code
+        attempts = getattr(exc, "txn_attempts", None)
+        if attempts is not None:
+            body["attempts"] = attempts
+        log.warning(
+            "Answered %d (%s) for endpoint %r: %s%s",
+            status,
+            reason,
+            request.endpoint if has_request_context() else None,
+            type(exc).__name__,
+            "" if code is None else f", SQLSTATE {code}",
+        )
+        return body, status, {"Retry-After": str(retry_after)}
+
+    for error in (OperationalError, PoolTimeoutError, AmbiguousCommitError):
+        app.register_error_handler(error, database_error)
