@@ -29,7 +29,7 @@ txn_faults = testing.txn_faults
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 #: Pages with Python blocks of their own; a test below checks that no page is missed.
-PAGES = ["async", "atomic", "config", "locking", "retries", "signals", "testing"]
+PAGES = ["async", "atomic", "config", "locking", "reliability", "retries", "signals", "testing"]
 #: The database URL written in docs/locking.md, replaced by the test server's.
 LOCKING_URL = "postgresql+psycopg2://localhost/app"
 
@@ -385,3 +385,30 @@ def test_async_page_runs(postgresql_url: str) -> None:
         with app.app_context():
             PreludeBase.metadata.drop_all(txn.engine, tables=[SnippetCounter.__table__])
             txn.engine.dispose()
+
+
+def test_reliability_page_runs() -> None:
+    """reliability.md: with the error responses, an unreachable database is a 503 to retry."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = Flask("reliability_page")
+    app.config["TXN_DATABASE_URI"] = f"postgresql+psycopg2://app@127.0.0.1:{port}/app"
+    namespace: dict[str, Any] = {"app": app}
+    run_page("reliability", namespace)
+    txn = namespace["txn"]
+
+    @app.post("/items")
+    @atomic
+    def create() -> str:
+        txn.session.execute(sa.text("SELECT 1"))
+        return "created"
+
+    response = app.test_client().post("/items")
+    assert (response.status_code, response.headers["Retry-After"], response.json["reason"]) == (
+        503,
+        "1",
+        "database-unavailable",
+    )
