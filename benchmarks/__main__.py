@@ -21,15 +21,12 @@ import sqlalchemy as sa
 from flask_txn._config import DEFAULTS
 from tests import pgserver
 
-from . import contention, machine, overhead, plots, processes, results, workload
+from . import contention, machine, overhead, processes, report, results, workload
 from .modes import FULL, MODES, Mode
+from .results import MAIN_CLIENTS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("overhead", "transfers", "scaling", "backoff")
-MAIN_CLIENTS = plots.MAIN_CLIENTS
-FRONT_MATTER = "---\norphan: true\n---\n\n"
-#: Where docs/performance.md starts including results.md.
-FACTS = "<!-- facts -->"
 
 
 def _progress(message: str) -> None:
@@ -67,7 +64,8 @@ def run(mode: Mode, scenarios: Sequence[str], out: Path) -> list[results.Compari
         engine = sa.create_engine(server.url)
         try:
             facts = machine.facts(server, engine, mode.name)
-            print(f"# flask-txn benchmarks\n\n{machine.markdown(facts)}{_settings(mode)}")
+            facts["settings"] = _settings(mode)
+            print(f"# flask-txn benchmarks\n\n{report.header(facts)}")
             if "overhead" in scenarios:
                 _progress("scenario 1: overhead")
                 workload.reset_accounts(engine, workload.COLD)
@@ -113,16 +111,7 @@ def run(mode: Mode, scenarios: Sequence[str], out: Path) -> list[results.Compari
             engine.dispose()
     facts["duration_s"] = round(time.monotonic() - started, 1)
     _progress(f"done in {facts['duration_s']} s; writing {out}")
-    results.save(out / "results.json", facts, comparisons)
-    written = plots.draw(comparisons, out)
-    report = (
-        # Sphinx builds every .md under docs/: the front matter lets a copy there
-        # stand outside the toctree (docs/performance.md includes it).
-        f"{FRONT_MATTER}# flask-txn benchmarks\n\n{FACTS}\n{machine.markdown(facts)}"
-        f"{_settings(mode)}- whole run: {facts['duration_s']} s\n\n{results.markdown(comparisons)}"
-    )
-    (out / "results.md").write_text(report, encoding="utf-8")
-    print(f"Wrote {out / 'results.md'}, {out / 'results.json'}", *written, sep="\n  ")
+    print("Wrote", *report.write(out, facts, comparisons), sep="\n  ")
     return comparisons
 
 

@@ -36,13 +36,13 @@ BACKOFFS = ((0.0, 0.0), (0.002, 0.25), (0.01, 1.0), (0.02, 1.0), (0.05, 1.0))
 SMOKE = Mode(
     name="smoke",
     overhead_rounds=1,
-    overhead_seconds=0.2,
+    overhead_seconds=0.1,
     rounds=1,
     seconds=1,
     scaling_clients=(2,),
     scaling_rounds=1,
     scaling_seconds=1,
-    backoffs=((0.0, 0.0), (0.01, 1.0)),
+    backoffs=((0.0, 0.0),),
     backoff_clients=(2,),
     backoff_rounds=1,
     backoff_seconds=1,
@@ -62,7 +62,7 @@ QUICK = Mode(
     backoff_clients=(8,),
     backoff_rounds=1,
     backoff_seconds=2,
-    warmup=1.0,
+    warmup=0.5,
 )
 
 FULL = Mode(

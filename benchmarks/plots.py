@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,10 +13,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
-from .results import Comparison
-
-#: The concurrency of scenarios 2 to 4.
-MAIN_CLIENTS = 8
+from .results import MAIN_CLIENTS, Comparison
 
 _PGBENCH = "#4c72b0"
 _FLASK_TXN = "#dd8452"
@@ -60,7 +56,8 @@ def goodput_bars(comparisons: Sequence[Comparison], path: Path) -> None:
             ax.text(x, high + top * 0.02, label, ha="center", va="bottom", fontsize=8)
         ax.set_ylim(0, top * 1.25)
         ax.set_xticks(positions)
-        ax.set_xticklabels([_wrap(_plain(n)) for n in names], fontsize=7)
+        width = 22 if len(names) < 5 else 16
+        ax.set_xticklabels([_wrap(_plain(n), width) for n in names], fontsize=7)
         ax.set_title(
             f"{comparison.title.split(':')[0]} ({comparison.clients} client(s))", fontsize=9
         )
@@ -171,17 +168,3 @@ def draw(comparisons: Sequence[Comparison], folder: Path) -> list[Path]:
         written.append(folder / "backoff.png")
         backoff(comparisons, written[-1])
     return written
-
-
-def main() -> None:
-    """Redraw the plots of a saved run: ``python -m benchmarks.plots FOLDER``."""
-
-    from .results import load
-
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("benchmarks/results")
-    _, comparisons = load(folder / "results.json")
-    print(*draw(comparisons, folder), sep="\n")
-
-
-if __name__ == "__main__":
-    main()

@@ -118,7 +118,10 @@ def markdown(comparisons: Sequence[Comparison]) -> str:
             run.failed or run.retries for runs in comparison.runs.values() for run in runs
         )
         rounds = len(comparison.runs[comparison.anchor])
-        out.append(f"## {comparison.title}\n")
+        heading = comparison.title
+        if comparison.key == "backoff":
+            heading += f", {comparison.clients} clients"
+        out.append(f"## {heading}\n")
         out.append(
             f"{comparison.clients} client(s), {rounds} interleaved round(s);"
             f" ratio = median of the per-round ratios to the first row."
@@ -153,6 +156,48 @@ def markdown(comparisons: Sequence[Comparison]) -> str:
             out.append(row)
         out.append("")
     return "\n".join(out)
+
+
+#: The concurrency of scenarios 2 to 4; scenario 5 adds the other client counts.
+MAIN_CLIENTS = 8
+SCALED = {"cold": "2. cold transfers", "serializable": "3. hot SERIALIZABLE transfers"}
+
+
+def scaling_markdown(comparisons: Sequence[Comparison]) -> str:
+    """Scenario 5: one row per client count, flask-txn beside pgbench."""
+    out: list[str] = []
+    for key, title in SCALED.items():
+        points = sorted((c for c in comparisons if c.key == key), key=lambda c: c.clients)
+        if len(points) < 2:
+            continue
+        pgbench, flask_txn = list(points[0].runs)[:2]
+        out += [
+            f"## 5. Scaling of scenario {title}\n",
+            f"Medians; ratio = flask-txn / pgbench, paired by round. pgbench: {pgbench};"
+            f" flask-txn: {flask_txn}.\n",
+            "| clients | rounds | pgbench/s | flask-txn/s | ratio | failed pgbench | failed"
+            " flask-txn | p99 ms pgbench | p99 ms flask-txn |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for c in points:
+            out.append(
+                f"| {c.clients} | {len(c.runs[pgbench])} | {_number(c.median(pgbench))}"
+                f" | {_number(c.median(flask_txn))} | {c.ratio(flask_txn):.3f}"
+                f" | {c.median(pgbench, 'failed_share'):.1%}"
+                f" | {c.median(flask_txn, 'failed_share'):.1%}"
+                f" | {_number(c.median(pgbench, 'p99_ms'), 1)}"
+                f" | {_number(c.median(flask_txn, 'p99_ms'), 1)} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def report(comparisons: Sequence[Comparison]) -> str:
+    """Scenarios 1 to 4 at their concurrency, the backoff sweeps, then scaling."""
+    main = [c for c in comparisons if c.key in ("overhead", "noop") or c.clients == MAIN_CLIENTS]
+    main = [c for c in main if c.key != "backoff"]
+    sweeps = sorted((c for c in comparisons if c.key == "backoff"), key=lambda c: c.clients)
+    return markdown([*main, *sweeps]) + "\n" + scaling_markdown(comparisons)
 
 
 def save(path: Path, facts: dict[str, Any], comparisons: Sequence[Comparison]) -> None:

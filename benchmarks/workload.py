@@ -8,7 +8,6 @@ pgbench runs, so both sides send the same SQL by construction: pgbench's
 from __future__ import annotations
 
 import dataclasses
-import random
 import re
 from pathlib import Path
 
@@ -65,13 +64,6 @@ SERIALIZABLE = "transfer_ser"
 READ_COMMITTED = "transfer_rc_plain"
 ORDERED_LOCKS = "transfer_rc_forupdate_1stmt"
 SCRIPTS = (SERIALIZABLE, READ_COMMITTED, ORDERED_LOCKS)
-
-
-def pick(rng: random.Random, naccts: int) -> dict[str, int]:
-    """One transfer's parameters, drawn as the scripts' ``\\set`` lines draw them."""
-    a = rng.randint(1, naccts)
-    off = rng.randint(1, naccts - 1)
-    return {"a": a, "b": 1 + (a - 1 + off) % naccts, "amt": rng.randint(1, 100)}
 
 
 def reset_accounts(engine: sa.Engine, naccts: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import results, workload
+from benchmarks import loadgen, results, workload
 from benchmarks.results import Comparison, Run
 
 from . import pgserver
@@ -41,7 +41,7 @@ def test_pick_draws_two_different_accounts_in_range() -> None:
     rng = random.Random(0)
     for naccts in (2, 10, 1000):
         for _ in range(500):
-            params = workload.pick(rng, naccts)
+            params = loadgen.pick(rng, naccts)
             assert 1 <= params["a"] <= naccts
             assert 1 <= params["b"] <= naccts
             assert params["a"] != params["b"]
