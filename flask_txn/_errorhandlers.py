@@ -81,7 +81,9 @@ def _message(reason: str, exc: BaseException, retry_after: int) -> str:
     if reason == "timeout":
         what = "a connection" if code is None else f"the database (SQLSTATE {code})"
         return f"The request timed out waiting for {what}; nothing was saved." + later
-    return "The database is unavailable; nothing was saved." + later
+    attempts = getattr(exc, "txn_attempts", None)
+    tried = "" if attempts is None else f" (the last of {attempts} attempts)"
+    return f"The connection to the database failed or was lost{tried}; nothing was saved." + later
 
 
 def register_error_handlers(app: Flask | Blueprint, *, retry_after: int = 1) -> None:

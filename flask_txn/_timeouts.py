@@ -5,15 +5,15 @@ request whose database or network stopped answering fails (or is retried)
 instead of hanging. Each ``TXN_*`` key becomes what the driver or the pool
 offers:
 
-========================  ========================================  ==================
-key                       PostgreSQL, psycopg2 and psycopg          other databases
-========================  ========================================  ==================
-TXN_CONNECT_TIMEOUT       libpq ``connect_timeout``                 not applied
-TXN_TCP_TIMEOUT           libpq ``keepalives*``, ``tcp_user_timeout`` not applied
-TXN_STATEMENT_TIMEOUT     ``statement_timeout`` at connect          refused if set
-TXN_READ_TIMEOUT          the watchdog below                        refused if set
-TXN_POOL_TIMEOUT          ``pool_timeout`` of a QueuePool           the same
-========================  ========================================  ==================
+- ``TXN_CONNECT_TIMEOUT``: libpq's ``connect_timeout``;
+- ``TXN_TCP_TIMEOUT``: libpq's ``keepalives*`` and ``tcp_user_timeout``;
+- ``TXN_STATEMENT_TIMEOUT``: ``statement_timeout``, sent when connecting;
+- ``TXN_READ_TIMEOUT``: the watchdog below;
+- ``TXN_POOL_TIMEOUT``: the ``pool_timeout`` of a QueuePool, for any database.
+
+The first four apply to PostgreSQL through psycopg2 and psycopg only: for
+another database the first two do nothing, and setting the statement or read
+timeout is refused.
 
 libpq has no read timeout: a server that stopped (or a network device that
 froze a connection while its TCP peer still answers) leaves a query waiting

@@ -161,7 +161,9 @@ class Client:
             raw = response.read()
         except (OSError, http.client.HTTPException) as exc:
             self.close()
-            return Answer(headers.get("Idempotency-Key", ""), 0, type(exc).__name__, 0.0, {}, False)
+            latency = time.monotonic() - started
+            key = headers.get("Idempotency-Key", "")
+            return Answer(key, 0, type(exc).__name__, latency, {}, False)
         latency = time.monotonic() - started
         try:
             parsed = json.loads(raw)
@@ -326,6 +328,7 @@ def gunicorn(url: str, config: dict[str, Any], folder: Path) -> Iterator[Served]
     ]
     with log.open("wb") as output:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=output)
+    served_well = False
     try:
         _wait_until_listening(process, port, log)
 
@@ -335,6 +338,7 @@ def gunicorn(url: str, config: dict[str, Any], folder: Path) -> Iterator[Served]
             return [json.loads(path.read_text()) for path in sorted(reports.glob("*.json"))]
 
         yield Served(port, "gunicorn", read_reports)
+        served_well = True
     finally:
         if process.poll() is None:
             process.terminate()
@@ -343,6 +347,7 @@ def gunicorn(url: str, config: dict[str, Any], folder: Path) -> Iterator[Served]
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+    if served_well:
         assert "Traceback" not in log.read_text(), log.read_text()
 
 
@@ -441,6 +446,7 @@ def check(
         "ledger row for a key answered only 503": [],
         "ledger row for a key never sent": [key for key in rows if key not in planned],
         "unclean response": [],
+        "no HTTP answer": [a.reason for a in answers if a.status == 0],
         "response slower than the bound": [],
         "connection checked out at the end": [r["pid"] for r in reports if r["checked_out"]],
         "session left in a registry": [r["pid"] for r in reports if r["sessions"]],
