@@ -512,6 +512,29 @@ class Run:
             str(a.status) + (f" {a.reason}" if a.reason else "") for a in last.values()
         )
 
+    def ambiguous_outcomes(self) -> collections.Counter[str]:
+        """What each 502 turned out to be, from the answer to the same key's next send.
+
+        A replayed 201 means the COMMIT in doubt had committed; a fresh 201, that
+        it had not, and the resend carried the transfer out.
+        """
+        outcomes: collections.Counter[str] = collections.Counter()
+        by_key = collections.defaultdict(list)
+        for answer in self.answers:
+            by_key[answer.key].append(answer)
+        for answers in by_key.values():
+            for number, answer in enumerate(answers):
+                if answer.status != 502:
+                    continue
+                later = [a for a in answers[number + 1 :] if a.status == 201]
+                if not later:
+                    outcomes["never resolved"] += 1
+                elif later[0].replayed:
+                    outcomes["had committed"] += 1
+                else:
+                    outcomes["had not committed"] += 1
+        return outcomes
+
     def figures(self) -> dict[str, Any]:
         statuses = collections.Counter(
             str(a.status) + (f" {a.reason}" if a.reason else "") for a in self.answers
@@ -534,6 +557,7 @@ class Run:
             "retried": dict(sorted(self.app_counts("retried").items())),
             "failed": dict(sorted(self.app_counts("failed").items())),
             "watchdog_fired": sum(report["watchdog_fired"] for report in self.reports),
+            "ambiguous_outcomes": dict(sorted(self.ambiguous_outcomes().items())),
             "workers": len(self.reports),
             "violations": {name: len(found) for name, found in self.violations.items()},
         }
@@ -951,12 +975,15 @@ def test_ambiguous_commits_under_load(database_url: str, isolation: str) -> None
     run.faults = {"COMMITs killed while their reply was pending": len(killed)}
     publish(run)
     assert_clean(run)
+    # Killed before its commit record, each transfer in doubt had not committed: the
+    # client's second send carried it out (a fresh 201, one ledger row).
     assert (
         sorted(killed),
         ambiguous,
         run.app_counts("failed")["ambiguous-commit"],
+        run.ambiguous_outcomes(),
         run.final()["201"],
-    ) == (dying, dying, len(dying), TRANSFERS)
+    ) == (dying, dying, len(dying), {"had not committed": len(dying)}, TRANSFERS)
 
 
 # -- the timeouts -----------------------------------------------------------------------
