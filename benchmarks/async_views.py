@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -85,11 +86,11 @@ def main() -> None:
         client = app.test_client()
         paths = ["/hand-written", "/atomic", "/pool-per-loop", "/sync-atomic"]
         for path in paths:
-            rate(lambda path=path: client.get(path), 20)  # warm up
+            rate(functools.partial(client.get, path), 20)  # warm up
         rates: dict[str, list[float]] = {path: [] for path in paths}
         for _ in range(args.rounds):
             for path in paths:
-                rates[path].append(rate(lambda path=path: client.get(path), args.requests))
+                rates[path].append(rate(functools.partial(client.get, path), args.requests))
         base = statistics.median(rates["/hand-written"])
         print(f"psycopg 3, {args.rounds} rounds x {args.requests} requests, medians\n")
         print("| view | requests/s | min-max | ratio to hand-written |")

@@ -10,6 +10,7 @@ defaults for PostgreSQL: ``pool_pre_ping=True``; sessions with
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
@@ -18,7 +19,9 @@ from collections.abc import Callable, Iterator
 import sqlalchemy as sa
 from flask import Flask, request
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import NullPool
 
 from flask_txn import FlaskTxn, atomic, transaction_committed
 
@@ -68,6 +71,48 @@ def compare(variants: dict[str, Variant], rounds: int, seconds: float) -> dict[s
             with receivers(signals):
                 runs[name].append(rate(func, seconds))
     return runs
+
+
+def _async_views(url: str, rounds: int, seconds: float) -> dict[str, list[Run]]:
+    """Async ``@atomic`` against hand-written ``AsyncSession`` code, same engine options."""
+    async_url = sa.make_url(url).set(drivername="postgresql+psycopg")
+    engine = create_async_engine(async_url, poolclass=NullPool)
+    by_hand = async_sessionmaker(engine, expire_on_commit=False)
+    hand_app = Flask("async_hand_written")
+
+    @hand_app.get("/")
+    async def hand_view() -> str:
+        async with by_hand.begin() as session:
+            result = await session.execute(SELECT, {"id": request.args["id"]})
+            return str(result.scalar_one())
+
+    app = Flask("async_flask_txn")
+    app.config["TXN_DATABASE_URI"] = async_url
+    txn = FlaskTxn(app)
+
+    @app.get("/")
+    @atomic
+    async def txn_view() -> str:
+        result = await txn.async_session.execute(SELECT, {"id": request.args["id"]})
+        return str(result.scalar_one())
+
+    hand, txn_client, hand_ids, txn_ids = hand_app.test_client(), app.test_client(), _ids(), _ids()
+    try:
+        return compare(
+            {
+                "hand-written `async with AsyncSession.begin()`": (
+                    lambda: hand.get(hand_ids()),
+                    False,
+                ),
+                "flask-txn `@atomic` on a coroutine": (lambda: txn_client.get(txn_ids()), False),
+            },
+            rounds,
+            seconds,
+        )
+    finally:
+        asyncio.run(engine.dispose())
+        with app.app_context():
+            txn.engine.dispose()
 
 
 def _ids() -> Callable[[], str]:
@@ -151,6 +196,8 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
             with hand_session.begin():
                 pass
 
+        async_views = _async_views(url, rounds, seconds)
+
         with app.app_context():
             blocks = compare(
                 {
@@ -178,6 +225,16 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
             views,
             notes="The hand-written code and Flask-SQLAlchemy use flask-txn's engine option"
             " `pool_pre_ping=True`; the last row shows what it costs.",
+        ),
+        Comparison(
+            "async",
+            "1c. Overhead in an async view: one row by primary key, NullPool, psycopg 3",
+            1,
+            "requests/s",
+            async_views,
+            notes="Flask runs each async view in a new event loop, so both sides open a new"
+            " connection per request (NullPool, flask-txn's async default): the ratio is"
+            " flask-txn's cost, the absolute rate is Flask's model (see Async views).",
         ),
         Comparison(
             "noop",

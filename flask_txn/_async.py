@@ -33,7 +33,6 @@ from ._atomic import (
     Outcome,
     _after_block,
     _begin,
-    _check_dialect,
     _committed,
     _current,
     _finish_block,
@@ -189,9 +188,8 @@ async def _run(
 ) -> R:
     database = await database_of(state)
     engine = database.engine.sync_engine  # handle_error reports this engine
-    options = block._options(state, retrying=True)
+    options = block._options(state, engine, retrying=True)
     policy = options.policy
-    _check_dialect(engine, options)
     started = time.perf_counter()
     if policy.retries and has_request_context():
         request.get_data(cache=True)  # every attempt must be able to read the body
@@ -255,8 +253,7 @@ async def enter_block(block: Atomic) -> AsyncSession:
         return current_session()
     database = await database_of(state)
     engine = database.engine.sync_engine
-    options = block._options(state, retrying=False)
-    _check_dialect(engine, options)
+    options = block._options(state, engine, retrying=False)
     session = database.factory()
     txn = _Transaction(session.sync_session, engine, options, 1, time.perf_counter(), session)
     token = _current.set(txn)

@@ -16,6 +16,7 @@ import inspect
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
@@ -31,6 +32,7 @@ from werkzeug.wrappers import Response
 from . import _signals
 from ._config import (
     RetryPolicy,
+    Settings,
     StatusVeto,
     check_dialect_isolation,
     check_isolation,
@@ -188,6 +190,7 @@ class Atomic:
     """
 
     __slots__ = (
+        "_cached",
         "_explicit",
         "_extension",
         "deadline",
@@ -231,6 +234,7 @@ class Atomic:
         }
         self._explicit = frozenset(name for name, value in given.items() if value is not _UNSET)
         self._extension = _extension
+        self._cached: tuple[Any, Any, bool, _Options] | None = None
         self.isolation = (
             check_isolation("isolation", isolation) if isolation is not _UNSET else None
         )
@@ -302,9 +306,9 @@ class Atomic:
         args: Any,
         kwargs: Any,
     ) -> R:
-        options = self._options(state, retrying=True)
+        options = self._options(state, state.engine, retrying=True)
         policy = options.policy
-        _prepare(session, state.engine, options)
+        _prepare(session)
         started = time.perf_counter()
         if policy.retries and has_request_context():
             # Every attempt must be able to read the body again.
@@ -419,8 +423,8 @@ class Atomic:
             self._check_nested(txn)
             _Savepoint(txn).__enter__()
             return session
-        options = self._options(state, retrying=False)
-        _prepare(session, state.engine, options)
+        options = self._options(state, state.engine, retrying=False)
+        _prepare(session)
         txn = _Transaction(session, state.engine, options, 1, time.perf_counter())
         token = _current.set(txn)
         try:
@@ -490,8 +494,26 @@ class Atomic:
                 )
         return extension._get_state()
 
-    def _options(self, state: _State, *, retrying: bool) -> _Options:
-        settings = state.settings
+    def _options(self, state: _State, engine: Engine, *, retrying: bool) -> _Options:
+        """The block's options with the app's config applied, checked against ``engine``.
+
+        Cached for the last app and engine: the settings are frozen and the
+        block's own arguments never change, so the work is done once, not per call.
+        """
+        cached = self._cached
+        if (
+            cached is not None
+            and cached[0]() is state
+            and cached[1]() is engine
+            and cached[2] is retrying
+        ):
+            return cached[3]
+        options = self._resolve(state.settings, engine, retrying=retrying)
+        _check_dialect(engine, options)
+        self._cached = (weakref.ref(state), weakref.ref(engine), retrying, options)
+        return options
+
+    def _resolve(self, settings: Settings, engine: Engine, *, retrying: bool) -> _Options:
         default = settings.retry
         if retrying:
             policy = RetryPolicy(
@@ -521,7 +543,7 @@ class Atomic:
             lock_timeout=self.lock_timeout,
             policy=policy,
             veto=settings.rollback_on_status,
-            sqlite_begin=settings.sqlite_begin if state.engine.dialect.name == "sqlite" else None,
+            sqlite_begin=settings.sqlite_begin if engine.dialect.name == "sqlite" else None,
         )
 
     def _check_nested(self, txn: _Transaction) -> None:
@@ -601,9 +623,8 @@ def refuse_mixing(*, async_block: bool) -> None:
     )
 
 
-def _prepare(session: Session, engine: Engine, options: _Options) -> None:
-    """Before the first attempt: refuse what cannot work, and end a transaction of reads."""
-    _check_dialect(engine, options)
+def _prepare(session: Session) -> None:
+    """Before the first attempt: end a transaction of reads, refuse to lose writes."""
     if session.in_transaction():
         if has_pending_writes(session):
             raise PendingWritesError(
@@ -850,12 +871,13 @@ def _vetoed(rv: object, veto: StatusVeto, wrapper: Callable[..., Any]) -> bool:
     Only the request's view function is judged (``TXN_ROLLBACK_ON_STATUS``): a
     helper returning a tuple like ``(item_id, 500)`` is data, not a response.
     """
-    if veto is None or not has_request_context() or not _is_current_view(wrapper):
+    if veto is None or not has_request_context():
         return False
     if callable(veto):
-        return bool(veto(rv))
+        return _is_current_view(wrapper) and bool(veto(rv))
+    # The status first: finding the view is only worth it for an error response.
     status = _status_of(rv)
-    return status is not None and status >= veto
+    return status is not None and status >= veto and _is_current_view(wrapper)
 
 
 def _is_current_view(wrapper: Callable[..., Any]) -> bool:

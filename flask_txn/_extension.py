@@ -33,7 +33,7 @@ from ._signals import send_rolled_back
 log = logging.getLogger("flask_txn")
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(slots=True, weakref_slot=True)
 class _State:
     settings: Settings
     engine: Engine
