@@ -659,7 +659,7 @@ def test_threaded_server_keeps_the_books(database_url: str, isolation: str) -> N
         _dispose(app)
     publish(run)
     assert_clean(run)
-    assert run.final()["201"] == TRANSFERS
+    assert given_up(run) == {}
 
 
 @pytest.mark.parametrize("isolation", list(ENDPOINTS))
@@ -673,7 +673,22 @@ def test_preforking_server_keeps_the_books(
         execute(run, database_url, served)
     publish(run)
     assert_clean(run)
-    assert (run.final()["201"], len(run.reports)) == (TRANSFERS, 2)
+    assert (given_up(run), len(run.reports)) == ({}, 2)
+
+
+def given_up(run: Run) -> dict[str, int]:
+    """Transfers whose last answer was not 201, beyond what contention explains.
+
+    At SERIALIZABLE, a transfer can meet a serialization failure in every
+    attempt of every send: up to 1 in 1,000 may end with 503 retries-exhausted.
+    """
+    final = run.final()
+    final.pop("201", None)
+    if run.endpoint == ENDPOINTS["serializable"]:
+        exhausted = final.pop("503 retries-exhausted", 0)
+        if exhausted > max(1, len(run.plan) // 1000):
+            final["503 retries-exhausted"] = exhausted
+    return dict(final)
 
 
 def _dispose(app: Flask) -> None:
@@ -717,7 +732,7 @@ def test_backends_killed_at_random(database_url: str, isolation: str) -> None:
                         sa.select(sa.func.pg_terminate_backend(victim.pid)) if victim else None
                     )
                     if victim and connection.scalar(terminate):
-                        killed[f"killed in a transaction ({victim.state})"] += 1
+                        killed[f"killed in a transaction ({victim.state or 'state unknown'})"] += 1
         finally:
             engine.dispose()
 
@@ -982,8 +997,8 @@ def test_ambiguous_commits_under_load(database_url: str, isolation: str) -> None
         ambiguous,
         run.app_counts("failed")["ambiguous-commit"],
         run.ambiguous_outcomes(),
-        run.final()["201"],
-    ) == (dying, dying, len(dying), {"had not committed": len(dying)}, TRANSFERS)
+        given_up(run),
+    ) == (dying, dying, len(dying), {"had not committed": len(dying)}, {})
 
 
 # -- the timeouts -----------------------------------------------------------------------
