@@ -280,17 +280,9 @@ class _Watchdog:
     def _run(self) -> None:
         while True:
             with self._lock:
-                fired = self._due()
-            for seconds, what in fired:
-                log.warning(
-                    "No reply from the database for %g s during %s ('TXN_READ_TIMEOUT'):"
-                    " closed the connection, so that the request fails or is retried"
-                    " instead of hanging.",
-                    seconds,
-                    what,
-                )
+                self._fire_next()
 
-    def _due(self) -> list[tuple[float, str]]:
+    def _fire_next(self) -> None:
         """Wait (holding the lock between waits) until some operation is overdue; break it."""
         while True:
             while self._heap and self._heap[0][1] not in self._armed:
@@ -305,11 +297,20 @@ class _Watchdog:
                 continue
             heapq.heappop(self._heap)
             fd, seconds, what = self._armed.pop(token)
+            # Logged before the socket is shut, so that the line comes before the
+            # error it explains (a caller reading the log after the error sees it).
+            log.warning(
+                "No reply from the database for %g s during %s ('TXN_READ_TIMEOUT'):"
+                " closed the connection, so that the request fails or is retried"
+                " instead of hanging.",
+                seconds,
+                what,
+            )
             # Still under the lock: the operation has not returned (it would have
             # disarmed first), so the descriptor is still its connection's socket.
             _shut(fd)
             self.fired += 1
-            return [(seconds, what)]
+            return
 
 
 def _shut(fd: int) -> None:
