@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
-from flask import has_request_context, request
 from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -39,9 +38,11 @@ from ._atomic import (
     _retrying,
     _Savepoint,
     _Transaction,
+    keep_request_body,
     record_error,
     refuse_inner_commit,
     refuse_mixing,
+    rewind_request_body,
 )
 from ._config import Settings, hide_password
 from ._errors import UsageError
@@ -191,9 +192,9 @@ async def _run(
     options = block._options(state, engine, retrying=True)
     policy = options.policy
     started = time.perf_counter()
-    if policy.retries and has_request_context():
-        request.get_data(cache=True)  # every attempt must be able to read the body
+    body = keep_request_body(policy)
     for attempt in itertools.count(1):  # pragma: no branch - left by return or raise
+        rewind_request_body(body)
         async with database.factory() as session:
             txn = _Transaction(
                 session.sync_session, engine, options, attempt, started, exposed=session

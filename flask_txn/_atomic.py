@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import functools
 import inspect
+import io
 import itertools
 import logging
 import time
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
-from flask import current_app, has_app_context, has_request_context, request
+from flask import current_app, has_request_context, request
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.exc import DBAPIError, ResourceClosedError
@@ -310,10 +311,9 @@ class Atomic:
         policy = options.policy
         _prepare(session)
         started = time.perf_counter()
-        if policy.retries and has_request_context():
-            # Every attempt must be able to read the body again.
-            request.get_data(cache=True)
+        body = keep_request_body(policy)
         for attempt in itertools.count(1):  # pragma: no branch - left by return or raise
+            rewind_request_body(body)
             txn = _Transaction(session, state.engine, options, attempt, started)
             token = _current.set(txn)
             try:
@@ -477,22 +477,24 @@ class Atomic:
         return state, session, session.info.get(_TXN)
 
     def _state(self) -> _State:
-        extension = self._extension
+        if self._extension is not None:
+            return self._extension._get_state()
+        try:
+            app = current_app_object()
+        except RuntimeError:
+            raise UsageError(
+                "'atomic' was used outside of an application context: it needs one to"
+                " find the app's database. Use it in a request, a CLI command, or"
+                " 'with app.app_context():'."
+            ) from None
+        extension = app.extensions.get("flask-txn")
         if extension is None:
-            if not has_app_context():
-                raise UsageError(
-                    "'atomic' was used outside of an application context: it needs one to"
-                    " find the app's database. Use it in a request, a CLI command, or"
-                    " 'with app.app_context():'."
-                )
-            extension = current_app.extensions.get("flask-txn")
-            if extension is None:
-                raise UsageError(
-                    f"No flask-txn extension is registered on the current app"
-                    f" {current_app.name!r}. Did you forget to call 'FlaskTxn(app)' or"
-                    " 'txn.init_app(app)'?"
-                )
-        return extension._get_state()
+            raise UsageError(
+                f"No flask-txn extension is registered on the current app"
+                f" {app.name!r}. Did you forget to call 'FlaskTxn(app)' or"
+                " 'txn.init_app(app)'?"
+            )
+        return extension._get_state(app)  # type: ignore[no-any-return]
 
     def _options(self, state: _State, engine: Engine, *, retrying: bool) -> _Options:
         """The block's options with the app's config applied, checked against ``engine``.
@@ -635,6 +637,27 @@ def _prepare(session: Session) -> None:
         # Reads made before the block (a before_request hook, a user loader)
         # hold a snapshot and maybe a different isolation level: start afresh.
         session.rollback()
+
+
+def keep_request_body(policy: RetryPolicy) -> bytes | None:
+    """Before a view's first attempt: its request body, read into memory if the
+    view may be re-run, so that every attempt can read all of it (see
+    :func:`rewind_request_body`). None if there is nothing to keep: no retries,
+    no request, or no body (no ``Content-Length`` above 0, not chunked)."""
+    if not policy.retries or not has_request_context():
+        return None
+    environ = request.environ
+    if environ.get("CONTENT_LENGTH", "") in ("", "0") and "HTTP_TRANSFER_ENCODING" not in environ:
+        return None
+    return request.get_data(cache=True)
+
+
+def rewind_request_body(body: bytes | None) -> None:
+    """At the start of an attempt: ``request.stream`` reads the kept body from its
+    start (``get_data()``, ``get_json()`` and ``form`` read the kept copy anyway)."""
+    if body is not None:
+        # Werkzeug's cached_property: setting it replaces the cached stream.
+        request.stream = io.BytesIO(body)
 
 
 def _begin(txn: _Transaction) -> None:

@@ -119,20 +119,22 @@ class FlaskTxn:
         """Like :func:`flask_txn.atomic`, for this extension whatever the current app's is."""
         return decorate_or_open(Atomic(_extension=self, **options), func)
 
-    def _get_state(self) -> _State:
+    def _get_state(self, app: Flask | None = None) -> _State:
+        """The state of ``app``, by default the current app."""
+        try:
+            return self._states[_session.current_app_object() if app is None else app]
+        except (RuntimeError, KeyError):
+            pass  # Flask's "outside of application context", or not registered
         if not has_app_context():
             raise UsageError(
                 "Working outside of an application context: flask-txn needs one to find"
                 " the app's database. Use it inside a request, a CLI command, or"
                 " 'with app.app_context():'."
             )
-        try:
-            return self._states[_session.current_app_object()]
-        except KeyError:
-            raise UsageError(
-                f"The current Flask app {current_app.name!r} is not registered with this"
-                " extension. Did you forget to call 'init_app'?"
-            ) from None
+        raise UsageError(
+            f"The current Flask app {current_app.name!r} is not registered with this"
+            " extension. Did you forget to call 'init_app'?"
+        )
 
     def _teardown(self, app: Flask, *, failed: bool) -> None:
         """Remove the session the ending app context created, discarding its open transaction.
@@ -145,7 +147,8 @@ class FlaskTxn:
         if state is None or not state.registry.has():
             return
         session = state.registry()
-        if session.info.get(_session.OWNER) is not _session.current_app_context():
+        owner: _session.Owner | None = session.info.get(_session.OWNER)
+        if owner is None or owner.context is not _session.current_app_context():
             # An outer context (same thread, or the scope a custom scopefunc
             # chose) made this session and still uses it.
             return
@@ -155,19 +158,21 @@ class FlaskTxn:
         finally:
             state.registry.clear()
         if discarded:
-            _report_discarded(state.settings, app, session, failed=failed)
+            _report_discarded(state.settings, app, session, owner, failed=failed)
 
 
-def _report_discarded(settings: Settings, app: Flask, session: Session, *, failed: bool) -> None:
+def _report_discarded(
+    settings: Settings, app: Flask, session: Session, owner: _session.Owner, *, failed: bool
+) -> None:
     """Tell the user that uncommitted writes were rolled back at teardown."""
-    endpoint = session.info.get(_session.ENDPOINT)
+    endpoint = owner.endpoint
     send_rolled_back(
         app,
         session=session,
         attempt=1,
         isolation=None,
         endpoint=endpoint,
-        elapsed=time.perf_counter() - session.info[_session.CREATED],
+        elapsed=time.perf_counter() - owner.created,
         reason="teardown",
         error=None,
         sqlstate=None,

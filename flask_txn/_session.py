@@ -7,7 +7,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from flask import current_app, has_request_context, request
@@ -21,12 +21,19 @@ from . import _timeouts
 from ._config import Settings
 from ._errors import ConfigError, UsageError
 
-#: ``session.info`` keys. The owner is the app context that created the session:
-#: only that context's teardown removes it.
+#: ``session.info`` keys: the session's :class:`Owner`, and whether it wrote.
 OWNER = "flask_txn.owner"
-ENDPOINT = "flask_txn.endpoint"
-CREATED = "flask_txn.created"
 _WROTE = "flask_txn.wrote"
+
+
+class Owner(NamedTuple):
+    """Who made a session: the app context whose teardown alone removes it, and
+    the endpoint and time, for the warning if that teardown discards writes."""
+
+    context: Any
+    endpoint: str | None
+    created: float
+
 
 # Every engine flask-txn made in this process, for disposal after a fork.
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -146,9 +153,9 @@ def current_app_object() -> Any:
 
 def claim(session: Session) -> Session:
     """Tag a session as owned by the current app context, unless it already has an owner."""
-    session.info.setdefault(OWNER, current_app_context())
-    session.info.setdefault(ENDPOINT, request.endpoint if has_request_context() else None)
-    session.info.setdefault(CREATED, time.perf_counter())
+    if OWNER not in session.info:
+        endpoint = request.endpoint if has_request_context() else None
+        session.info[OWNER] = Owner(current_app_context(), endpoint, time.perf_counter())
     return session
 
 

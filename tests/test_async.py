@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
+from flask import Flask, request
 
 from flask_txn import (
     ConfigError,
@@ -274,6 +274,23 @@ def test_swallowed_errors_in_async_views(async_app: Any) -> None:
             asyncio.run(swallow("22012"))
     assert calls == ["40001", "40001", "22012"]
     assert sorted(values(app, txn)) == [1, 2, 22]
+
+
+def test_every_attempt_of_an_async_view_reads_the_whole_body(async_app: Any) -> None:
+    """A re-run async view reads the request stream from its start again."""
+    app, txn = async_app
+    bodies = []
+
+    @app.post("/")
+    @atomic
+    async def work() -> str:
+        bodies.append(request.stream.read())
+        if len(bodies) == 1:
+            await txn.async_session.execute(sa.text(FAIL_WITH.format(code="40001")))
+        return "ok"
+
+    assert app.test_client().post("/", data=b"amount=5").status_code == 200
+    assert bodies == [b"amount=5", b"amount=5"]
 
 
 def test_signals_carry_the_async_session(async_app: Any) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -284,21 +285,50 @@ def test_keyboard_interrupt_is_never_retried(retry_app: Any) -> None:
     assert calls == [1]
 
 
-def test_every_attempt_reads_the_request_body(retry_app: Any) -> None:
-    """The body is buffered, so a re-run view reads the same JSON."""
+JSON_BODY = {"data": b'{"amount": 5}', "content_type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("read", "sent", "expected"),
+    [
+        (lambda: request.get_json(cache=False), JSON_BODY, {"amount": 5}),
+        (lambda: request.get_data(cache=False), JSON_BODY, b'{"amount": 5}'),
+        (lambda: request.stream.read(), JSON_BODY, b'{"amount": 5}'),
+        (lambda: request.form.to_dict(), {"data": {"amount": "5"}}, {"amount": "5"}),
+    ],
+    ids=["get_json", "get_data", "stream", "form"],
+)
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {},
+        {"CONTENT_LENGTH": "", "HTTP_TRANSFER_ENCODING": "chunked", "wsgi.input_terminated": True},
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_every_attempt_reads_the_whole_request_body(
+    retry_app: Any,
+    environ: dict[str, Any],
+    read: Callable[[], object],
+    sent: dict[str, Any],
+    expected: object,
+) -> None:
+    """The body is kept, so a re-run view reads all of it again, however it reads
+    it, whether the request gave its length or was sent in chunks (a server sets
+    ``wsgi.input_terminated`` for those)."""
     app, txn, _ = retry_app
     bodies = []
 
     @app.post("/")
     @atomic
     def work() -> str:
-        bodies.append(request.get_json())
+        bodies.append(read())
         if len(bodies) == 1:
             fail(txn, "40001")
         return "ok"
 
-    app.test_client().post("/", json={"amount": 5})
-    assert bodies == [{"amount": 5}, {"amount": 5}]
+    app.test_client().post("/", environ_overrides=environ, **sent)
+    assert bodies == [expected, expected]
 
 
 def test_one_log_line_per_retry_without_password(
