@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from tests.pgserver import PostgresServer
 
 from . import pgbench, processes, workload
-from .results import Comparison, Run
+from .results import Comparison, Run, shuffled
 from .webapp import NO_PRE_PING
 
 #: One timed run of a variant, given the round number (the load generator's seed).
@@ -46,9 +46,9 @@ class Setup:
         """Run the variants in turn, ``rounds`` times, each on a fresh table."""
         runs: dict[str, list[Run]] = {name: [] for name in variants}
         for round_ in range(1, self.rounds + 1):
-            for name, run in variants.items():
+            for name in shuffled(variants, round_):
                 workload.reset_accounts(self.engine, naccts)
-                runs[name].append(run(round_))
+                runs[name].append(variants[name](round_))
         return runs
 
 

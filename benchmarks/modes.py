@@ -10,7 +10,9 @@ class Mode:
     """Repetitions and durations of one mode; seconds are per run of one variant."""
 
     name: str
-    #: scenario 1: interleaved rounds and seconds per variant and round.
+    #: scenario 1: interleaved rounds and seconds per variant and round. Many
+    #: short rounds: the ratio of runs made a fraction of a second apart is the
+    #: one the machine's drift disturbs least.
     overhead_rounds: int
     overhead_seconds: float
     #: scenarios 2 to 4, at 8 clients (pgbench's -T takes whole seconds).
@@ -51,8 +53,8 @@ SMOKE = Mode(
 
 QUICK = Mode(
     name="quick",
-    overhead_rounds=3,
-    overhead_seconds=0.5,
+    overhead_rounds=15,
+    overhead_seconds=0.1,
     rounds=3,
     seconds=2,
     scaling_clients=(1, 2, 4, 16, 32),
@@ -67,8 +69,8 @@ QUICK = Mode(
 
 FULL = Mode(
     name="full",
-    overhead_rounds=7,
-    overhead_seconds=1.0,
+    overhead_rounds=60,
+    overhead_seconds=0.15,
     rounds=5,
     seconds=4,
     scaling_clients=(1, 2, 4, 16, 32),

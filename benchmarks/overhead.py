@@ -25,10 +25,14 @@ from sqlalchemy.pool import NullPool
 
 from flask_txn import FlaskTxn, atomic, transaction_committed
 
-from .results import Comparison, Run
+from .results import Comparison, Run, shuffled
 from .workload import COLD
 
 SELECT = sa.text("SELECT balance FROM accounts WHERE id = :id")
+
+#: The anchor measured again as if it were another variant: its ratio (1 when
+#: there is no noise) shows how far apart two identical variants come out.
+CONTROL = "hand-written again (the noise floor)"
 
 #: A variant: the call to time, and whether 3 signal receivers listen meanwhile.
 Variant = tuple[Callable[[], object], bool]
@@ -61,13 +65,14 @@ def receivers(connect: bool) -> Iterator[None]:
 
 
 def compare(variants: dict[str, Variant], rounds: int, seconds: float) -> dict[str, list[Run]]:
-    """Interleave the variants ``rounds`` times (A B C A B C ...)."""
+    """Interleave the variants ``rounds`` times (A B C, C A B, ...: a new order each round)."""
     runs: dict[str, list[Run]] = {name: [] for name in variants}
     for func, signals in variants.values():
         with receivers(signals):
             rate(func, seconds / 2)  # warm pools, caches and code paths
-    for _ in range(rounds):
-        for name, (func, signals) in variants.items():
+    for round_ in range(rounds):
+        for name in shuffled(variants, round_):
+            func, signals = variants[name]
             with receivers(signals):
                 runs[name].append(rate(func, seconds))
     return runs
@@ -166,6 +171,7 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
             name: (a.test_client(), _ids())
             for name, a in (
                 ("hand", hand_app),
+                ("hand again", hand_app),
                 ("txn", app),
                 ("lean", lean_app),
                 ("fsa", fsa_app),
@@ -179,6 +185,7 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
         views = compare(
             {
                 "hand-written `with Session.begin()`": (get("hand"), False),
+                CONTROL: (get("hand again"), False),
                 "flask-txn `@atomic`": (get("txn"), False),
                 "flask-txn `@atomic`, 3 receivers": (get("txn"), True),
                 "Flask-SQLAlchemy `db.session` + `commit()`": (get("fsa"), False),
@@ -224,7 +231,8 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
             "requests/s",
             views,
             notes="The hand-written code and Flask-SQLAlchemy use flask-txn's engine option"
-            " `pool_pre_ping=True`; the last row shows what it costs.",
+            " `pool_pre_ping=True`; the last row shows what it costs. The second row runs"
+            " the anchor again: its distance from 1 is the noise of this machine.",
         ),
         Comparison(
             "async",

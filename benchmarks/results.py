@@ -1,8 +1,9 @@
 """Measured runs, their medians, spreads and ratios, as markdown and JSON.
 
-Every scenario runs its variants interleaved (A B A B ...), so a variant's
-ratio to the anchor is the median of the ratios of the runs made side by side,
-which cancels most of the drift of a shared machine.
+Every scenario runs its variants interleaved, in a new order each round (A B C,
+then C A B, ...), so a variant's ratio to the anchor is the median of the
+ratios of the runs made side by side: that cancels most of the drift of a
+shared machine, and no variant gains from its place in the order.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,13 @@ class Run:
     @property
     def retries_per_commit(self) -> float:
         return self.retries / self.committed if self.committed else math.nan
+
+
+def shuffled(names: Iterable[str], round_: int) -> list[str]:
+    """The order of the variants in round ``round_``: a new one each round (seeded,
+    so a rerun repeats it), so that no variant always runs first, or right after
+    the same other one, and gains or loses from warm or cold caches."""
+    return random.Random(round_).sample(list(names), len(names))
 
 
 def percentile(values: Sequence[float], share: float) -> float:
