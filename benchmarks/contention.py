@@ -15,7 +15,7 @@ from tests.pgserver import PostgresServer
 
 from . import pgbench, processes, workload
 from .results import Comparison, Run, shuffled
-from .webapp import NO_PRE_PING
+from .webapp import BOUNDED_POOL, NO_PRE_PING
 
 #: One timed run of a variant, given the round number (the load generator's seed).
 RunOnce = Callable[[int], Run]
@@ -58,6 +58,7 @@ def _path(script: str) -> str:
 
 PGBENCH_SER = f"pgbench `{workload.SERIALIZABLE}.sql`, `--max-tries=10`"
 FLASK_TXN_SER = "flask-txn `@atomic(isolation='SERIALIZABLE', retries=9)`"
+FLASK_TXN_SER_BOUNDED = f"{FLASK_TXN_SER}, pool of 2 x cores"
 PGBENCH_COLD = f"pgbench `{workload.READ_COMMITTED}.sql`"
 FLASK_TXN_COLD = "flask-txn `@atomic(isolation='READ COMMITTED')`"
 
@@ -92,6 +93,9 @@ def serializable(setup: Setup) -> Comparison:
         {
             PGBENCH_SER: setup.pgbench(workload.SERIALIZABLE, workload.HOT),
             FLASK_TXN_SER: setup.flask_txn(_path(workload.SERIALIZABLE), workload.HOT),
+            FLASK_TXN_SER_BOUNDED: setup.flask_txn(
+                BOUNDED_POOL + _path(workload.SERIALIZABLE), workload.HOT
+            ),
         },
     )
     return Comparison(
@@ -100,6 +104,9 @@ def serializable(setup: Setup) -> Comparison:
         setup.clients,
         "committed/s",
         runs,
+        notes="flask-txn's pool has a connection per client, except in the last row: there"
+        " it has twice as many connections as the database has cores, whatever the"
+        " number of clients, and the other requests wait for one.",
     )
 
 

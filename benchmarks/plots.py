@@ -20,9 +20,14 @@ _FLASK_TXN = "#dd8452"
 _OTHER = "#8c8c8c"
 
 
+_BOUNDED = "#55a868"
+
+
 def _colour(variant: str) -> str:
     if variant.startswith("pgbench"):
         return _PGBENCH
+    if "pool of" in variant:
+        return _BOUNDED
     return _FLASK_TXN if variant.startswith("flask-txn") else _OTHER
 
 
@@ -82,7 +87,7 @@ def scaling(comparisons: Sequence[Comparison], path: Path) -> None:
         points = sorted((c for c in comparisons if c.key == key), key=lambda c: c.clients)
         if not points:
             continue
-        for name in points[0].runs:
+        for name in [n for n in points[0].runs if all(n in c.runs for c in points)]:
             clients = [c.clients for c in points]
             medians = [c.median(name) for c in points]
             lows = [m - c.spread(name)[0] for m, c in zip(medians, points, strict=True)]

@@ -47,6 +47,12 @@ def workers_for(clients: int) -> int:
     return min(2, clients, os.cpu_count() or 1)
 
 
+def bounded_pool_for(clients: int) -> int:
+    """Connections per worker of the bounded pool: twice the database's cores in all
+    (the server runs on this machine), however many clients there are."""
+    return max(1, 2 * (os.cpu_count() or 1) // workers_for(clients))
+
+
 @contextlib.contextmanager
 def gunicorn(
     url: str, *, clients: int, backoffs: Sequence[tuple[float, float]] = ()
@@ -55,13 +61,15 @@ def gunicorn(
 
     gthread workers, each with a thread per client and a pool of that many
     connections: whichever worker a client's keep-alive connection lands on,
-    every request in flight has a thread and a connection.
+    every request in flight has a thread and a connection. Under
+    ``/bounded-pool/`` the pool has :func:`bounded_pool_for` connections.
     """
     port = _free_port()
     env = {
         **os.environ,
         "BENCH_DATABASE_URL": url,
         "BENCH_POOL_SIZE": str(clients),
+        "BENCH_BOUNDED_POOL_SIZE": str(bounded_pool_for(clients)),
         "BENCH_BACKOFFS": json.dumps(list(backoffs)),
     }
     command = [

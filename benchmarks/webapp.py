@@ -10,8 +10,11 @@ is ``transfer_ser`` with the i-th backoff setting of ``BENCH_BACKOFFS``.
 The response carries the number of attempts in ``X-Attempts``, taken from the
 signals' payloads; a transfer that failed after every attempt answers 503.
 The same views answer under ``/no-pre-ping/`` from a second app whose engine
-has ``pool_pre_ping=False``, to show what flask-txn's default costs. Configured
-by the environment (gunicorn calls ``create_app()``).
+has ``pool_pre_ping=False``, to show what flask-txn's default costs, and under
+``/bounded-pool/`` from a third whose pool is sized for the database rather
+than for the clients (``BENCH_BOUNDED_POOL_SIZE`` per worker), so that
+requests beyond it queue for a connection instead of running a transaction
+that conflicts. Configured by the environment (gunicorn calls ``create_app()``).
 """
 
 from __future__ import annotations
@@ -40,24 +43,30 @@ from . import workload
 #: The same budget as pgbench --max-tries=10.
 RETRIES = 9
 NO_PRE_PING = "/no-pre-ping"
+BOUNDED_POOL = "/bounded-pool"
 
 
 def create_app() -> Flask:
-    """The app, from ``BENCH_DATABASE_URL``, ``BENCH_POOL_SIZE`` and ``BENCH_BACKOFFS``."""
-    app = _build("webapp", {})
-    lean = _build("webapp_no_pre_ping", {"pool_pre_ping": False})
-    app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {NO_PRE_PING: lean})  # type: ignore[method-assign]
+    """The app, from ``BENCH_DATABASE_URL``, ``BENCH_POOL_SIZE``,
+    ``BENCH_BOUNDED_POOL_SIZE`` and ``BENCH_BACKOFFS``."""
+    # One connection per thread, so no request waits for the pool; the other
+    # engine options are flask-txn's defaults (pool_pre_ping=True) unless given.
+    pool_size = int(os.environ.get("BENCH_POOL_SIZE", "8"))
+    app = _build("webapp", {"pool_size": pool_size})
+    lean = _build("webapp_no_pre_ping", {"pool_size": pool_size, "pool_pre_ping": False})
+    bounded_size = int(os.environ.get("BENCH_BOUNDED_POOL_SIZE", "2"))
+    bounded = _build("webapp_bounded_pool", {"pool_size": bounded_size})
+    app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, {NO_PRE_PING: lean, BOUNDED_POOL: bounded}
+    )
     return app
 
 
 def _build(name: str, engine_options: dict[str, Any]) -> Flask:
     app = Flask(name)
-    pool_size = int(os.environ.get("BENCH_POOL_SIZE", "8"))
     app.config.update(
         TXN_DATABASE_URI=os.environ["BENCH_DATABASE_URL"],
-        # One connection per thread, so no request waits for the pool; the other
-        # engine options are flask-txn's defaults (pool_pre_ping=True) unless given.
-        TXN_ENGINE_OPTIONS={"pool_size": pool_size, "max_overflow": 0, **engine_options},
+        TXN_ENGINE_OPTIONS={"max_overflow": 0, **engine_options},
     )
     txn = FlaskTxn(app)
     statements = {
