@@ -38,7 +38,6 @@ from ._config import (
     check_dialect_isolation,
     check_isolation,
     check_retries,
-    check_seconds,
     check_wait_order,
 )
 from ._errors import (
@@ -51,6 +50,7 @@ from ._errors import (
 )
 from ._retry import AMBIGUOUS_SQLSTATE, backoff, is_disconnect, is_retryable, sqlstate_of
 from ._session import SQLITE_BEGIN, current_app_object, has_pending_writes
+from ._timeouts import check_seconds
 
 if TYPE_CHECKING:
     from ._extension import FlaskTxn, _State

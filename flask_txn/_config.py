@@ -6,10 +6,8 @@ key or argument in quotes, the bad value, what is allowed and how to fix it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import math
 import random
 import re
 import time
@@ -20,7 +18,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from ._errors import ConfigError
-from ._timeouts import Timeouts, read_timeouts
+from ._timeouts import Timeouts, check_seconds, read_timeouts
 
 ISOLATION_LEVELS = ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 SCOPES = ("thread", "app_context")
@@ -223,24 +221,6 @@ def check_retries(name: str, value: object) -> int:
             f" attempt; 0 disables retrying), got {value!r}."
         )
     return value
-
-
-def check_seconds(name: str, value: Any, *, optional: bool = False, zero: bool = True) -> Any:
-    """A duration in seconds: a non-negative int or float (positive if not ``zero``)."""
-    if value is None and optional:
-        return None
-    seconds: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        # An int too large for a float (10**400) is not a usable duration either.
-        with contextlib.suppress(OverflowError):
-            seconds = float(value)
-    if seconds is None or not math.isfinite(seconds) or (seconds < 0 if zero else seconds <= 0):
-        bound = ">= 0" if zero else "> 0"
-        none = " or None for no limit" if optional else ""
-        raise ConfigError(
-            f"{name!r} must be a finite number of seconds {bound}{none}, got {value!r}."
-        )
-    return seconds
 
 
 def check_wait_order(name: str, wait_initial: float, wait_max: float) -> None:

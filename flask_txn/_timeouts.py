@@ -71,15 +71,26 @@ class Timeouts:
     sources: Mapping[str, str]
 
 
-def _seconds(name: str, value: object, *, allowed: str, zero: bool) -> float | None:
-    """A positive (or, with ``zero``, non-negative) finite number of seconds, or None."""
-    if value is None:
+def check_seconds(
+    name: str, value: Any, *, optional: bool = False, zero: bool = True, allowed: str = ""
+) -> Any:
+    """A duration in seconds: a finite, non-negative int or float (positive if not
+    ``zero``), or None if ``optional``.
+
+    :param allowed: what the error message says is allowed, if not the default
+        "a finite number of seconds >= 0".
+    """
+    if value is None and optional:
         return None
     seconds: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
+        # An int too large for a float (10**400) is not a usable duration either.
         with contextlib.suppress(OverflowError):
             seconds = float(value)
-    if seconds is None or not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
+    if seconds is None or not math.isfinite(seconds) or (seconds < 0 if zero else seconds <= 0):
+        if not allowed:
+            allowed = f"a finite number of seconds {'>= 0' if zero else '> 0'}"
+            allowed += " or None for no limit" if optional else ""
         raise ConfigError(f"{name!r} must be {allowed}, got {value!r}.")
     return seconds
 
@@ -91,35 +102,40 @@ def read_timeouts(config: Mapping[str, Any], url: URL, deadline: float | None) -
     :param url: the validated database URL, to refuse what its driver cannot honour.
     :param deadline: the validated ``TXN_RETRY_DEADLINE``.
     """
-    connect = _seconds(
+    connect = check_seconds(
         "TXN_CONNECT_TIMEOUT",
         config["TXN_CONNECT_TIMEOUT"],
+        optional=True,
         allowed="a finite number of seconds > 0, or None for the driver's default (no limit)",
         zero=False,
     )
-    tcp = _seconds(
+    tcp = check_seconds(
         "TXN_TCP_TIMEOUT",
         config["TXN_TCP_TIMEOUT"],
+        optional=True,
         allowed="a finite number of seconds > 0, or None for the operating system's defaults",
         zero=False,
     )
-    statement = _seconds(
+    statement = check_seconds(
         "TXN_STATEMENT_TIMEOUT",
         config["TXN_STATEMENT_TIMEOUT"],
+        optional=True,
         allowed="a finite number of seconds > 0, 0 for no limit, or None to use"
         " 'TXN_RETRY_DEADLINE'",
         zero=True,
     )
-    read = _seconds(
+    read = check_seconds(
         "TXN_READ_TIMEOUT",
         config["TXN_READ_TIMEOUT"],
+        optional=True,
         allowed="a finite number of seconds > 0, 0 for no limit, or None for the statement"
         f" timeout plus {READ_MARGIN:g} s",
         zero=True,
     )
-    pool_timeout = _seconds(
+    pool_timeout = check_seconds(
         "TXN_POOL_TIMEOUT",
         config["TXN_POOL_TIMEOUT"],
+        optional=True,
         allowed="a finite number of seconds > 0, or None to use 'TXN_RETRY_DEADLINE'",
         zero=False,
     )
