@@ -11,12 +11,15 @@ import sqlalchemy as sa
 from flask import Blueprint, Response, current_app, request
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from flask_txn import AmbiguousCommitError, atomic, is_retryable, lock_rows, on_commit, sqlstate_of
+from flask_txn import atomic, lock_rows, on_commit, register_error_handlers, sqlstate_of
 
 from .models import Account, Transfer, txn
 from .monitor import monitor
 
 bp = Blueprint("bank", __name__)
+# Retries used up, an unreachable database, timeouts: 503 with Retry-After. A
+# connection lost during COMMIT: 502, resend with the same 'Idempotency-Key'.
+register_error_handlers(bp)
 
 #: Re-runs after a serialization failure, deadlock or busy database (11 attempts in all).
 RETRIES = 10
@@ -139,24 +142,10 @@ def invalid_transfer(exc: InvalidTransfer) -> Any:
     return {"error": str(exc)}, 400
 
 
-@bp.errorhandler(AmbiguousCommitError)
-def ambiguous_commit(exc: AmbiguousCommitError) -> Any:
-    return {
-        "error": "The database connection was lost during COMMIT: the transfer may or may"
-        " not have been made. Resend it with the same 'Idempotency-Key' to find out."
-    }, 503
-
-
 @bp.errorhandler(DBAPIError)
 def database_error(exc: DBAPIError) -> Any:
+    """The database errors that register_error_handlers leaves alone."""
     code = sqlstate_of(exc)
-    if is_retryable(exc):
-        # Every attempt met a conflict: the client may resend, with the same key.
-        busy = (
-            f"The database stayed busy (SQLSTATE {code}) for {RETRIES + 1} attempts."
-            " Resend the transfer with the same 'Idempotency-Key'."
-        )
-        return {"error": busy}, 503, {"Retry-After": "1"}
     if isinstance(exc, IntegrityError):
         # The unique key: a concurrent request with the same key but other accounts
         # got there first (under SERIALIZABLE this shows as a retried 40001 instead).
