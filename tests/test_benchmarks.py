@@ -98,10 +98,14 @@ def test_smoke_run_writes_every_scenario(tmp_path: Path) -> None:
     assert any(c.key == "serializable" and c.anchor.startswith("pgbench") for c in comparisons)
     report = (tmp_path / "results.md").read_text()
     assert "deadlock_timeout=100ms" in report
-    # A table per scenario at its concurrency and per backoff sweep; scaling in one table each.
+    # A table per scenario at its concurrency and per backoff sweep; scaling in a table
+    # per variant run at every client count: pgbench and flask-txn in scenario 2, and
+    # flask-txn with the bounded pool too in scenario 3.
     tables = [c for c in comparisons if c.key in ("overhead", "noop", "backoff") or c.clients == 8]
     assert report.count("| variant |") == len(tables)
-    assert report.count("| clients | rounds |") == 2
+    assert report.count("| clients | rounds |") == 5
+    assert "| hand-written again (the noise floor) |" in report
+    assert "pool of 2 x cores |" in report
     for plot in ("goodput.png", "scaling.png", "backoff.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "results.json").read_text())["facts"]["mode"] == "smoke"
