@@ -128,6 +128,19 @@ def _client_counts(mode: Mode, scenarios: Sequence[str]) -> list[int]:
     return sorted(counts, key=lambda n: (n != MAIN_CLIENTS, n))
 
 
+def _client_list(text: str) -> tuple[int, ...]:
+    """``--clients 16,32``: whole numbers from 1 to 64."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or not all(1 <= n <= 64 for n in counts):
+        raise argparse.ArgumentTypeError(
+            f"must be client counts from 1 to 64, separated by commas, e.g. 16,32; got {text!r}"
+        )
+    return counts
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.splitlines()[0]
@@ -148,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--seconds",
         type=int,
         help="seconds per run of scenarios 2 to 5 (pgbench takes whole seconds)",
+    )
+    parser.add_argument(
+        "--clients",
+        type=_client_list,
+        help="client counts for scaling, other than 8 (comma-separated), instead of the mode's",
     )
     parser.add_argument(
         "--out",
@@ -172,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         mode = dataclasses.replace(
             mode, seconds=args.seconds, scaling_seconds=args.seconds, backoff_seconds=args.seconds
         )
+    if args.clients:
+        mode = dataclasses.replace(mode, scaling_clients=args.clients)
     run(mode, args.only or SCENARIOS, args.out)
 
 
