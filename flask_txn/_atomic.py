@@ -173,13 +173,17 @@ def record_error(context: ExceptionContext) -> None:
 
     User code may catch a serialization failure and carry on; PostgreSQL would
     then turn COMMIT into a silent ROLLBACK. Recording here lets the block see it.
+    A connection that could not be made (refused, the server starting up or
+    shutting down, a connect timeout) dooms the attempt too: nothing was sent,
+    so running it again is safe, and the server may be back by then.
     """
     txn = _current.get()
     if txn is None or context.engine is not txn.engine or context.is_pre_ping:
         return
     error = context.sqlalchemy_exception or context.original_exception
     txn.last_error = error
-    if txn.doomed is None and (context.is_disconnect or is_retryable(error)):
+    never_connected = context.connection is None
+    if txn.doomed is None and (context.is_disconnect or never_connected or is_retryable(error)):
         txn.doomed = error
 
 
@@ -842,9 +846,10 @@ def _rollback(
 def _retrying(txn: _Transaction, error: BaseException, delay: float, *, final: bool) -> None:
     sqlstate = sqlstate_of(error)
     log.info(
-        "Retrying transaction: attempt %d failed with SQLSTATE %s; waiting %.3f s.",
+        "Retrying transaction: attempt %d failed with %s; waiting %.3f s.",
         txn.attempt,
-        sqlstate,
+        # A connection that was lost or never made has no SQLSTATE: name the error.
+        f"SQLSTATE {sqlstate}" if sqlstate else type(error).__name__,
         delay,
     )
     if _signals.transaction_retrying.receivers:

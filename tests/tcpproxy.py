@@ -84,11 +84,11 @@ class FaultProxy:
 
     # -- control, from any thread ----------------------------------------------------
 
-    def start(self) -> None:
-        """Listen on a free loopback port."""
+    def start(self, port: int = 0) -> None:
+        """Listen on loopback ``port``, by default a free one."""
         self._thread.start()
         self._server = self._call(
-            asyncio.start_server(self._handle, "127.0.0.1", 0, reuse_address=True)
+            asyncio.start_server(self._handle, "127.0.0.1", port, reuse_address=True)
         )
         self.port = self._server.sockets[0].getsockname()[1]
 

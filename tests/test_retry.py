@@ -7,6 +7,7 @@ SQLite's busy error comes from a second connection holding the write lock.
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
 from collections.abc import Callable
 from typing import Any
@@ -15,9 +16,10 @@ import psycopg
 import psycopg2
 import pytest
 import sqlalchemy as sa
-from flask import request
+from flask import Flask, request
 
 from flask_txn import (
+    FlaskTxn,
     atomic,
     is_retryable,
     sqlstate_of,
@@ -27,6 +29,7 @@ from flask_txn import (
 from flask_txn._config import RetryPolicy
 from flask_txn._retry import backoff
 
+from . import tcpproxy
 from .conftest import Item, count_items
 
 FAIL_WITH = """
@@ -88,6 +91,59 @@ def test_retriable_failure_reruns_and_commits_once(retry_app: Any, code: str) ->
     with app.app_context():
         work()
     assert (len(calls), count_items(app, txn), len(waits.delays)) == (2, 1, 1)
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("comes_back", [True, False], ids=["server-back", "server-down"])
+def test_connection_refused_is_retried(
+    make_app: Any, postgresql_url: str, comes_back: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection that could not be made (refused, as while the server restarts) sent
+    nothing, so the function runs again: it commits once connections are accepted
+    again, and gives up with the connect error after its attempts otherwise."""
+    app, txn = make_app()  # the tables
+    target = sa.make_url(postgresql_url)
+    port = _closed_port()
+    proxy = tcpproxy.FaultProxy(target.host or "127.0.0.1", target.port or 5432)
+
+    def sleep(_: float) -> None:
+        if comes_back and not proxy.port:
+            proxy.start(port)  # the server accepts connections again
+
+    refused = Flask("refused")
+    refused.config.update(
+        TXN_DATABASE_URI=target.set(host="127.0.0.1", port=port),
+        TXN_RETRY_SLEEP=sleep,
+        TXN_RETRIES=2,
+    )
+    refused_txn = FlaskTxn(refused)
+    calls = []
+
+    @atomic
+    def work() -> None:
+        calls.append(1)
+        refused_txn.session.add(Item(name="x"))
+
+    try:
+        with refused.app_context(), caplog.at_level(logging.INFO, logger="flask_txn"):
+            if comes_back:
+                work()
+            else:
+                with pytest.raises(sa.exc.OperationalError) as raised:
+                    work()
+                assert raised.value.txn_attempts == 3  # type: ignore[attr-defined]
+    finally:
+        proxy.stop()
+        with refused.app_context():
+            refused_txn.engine.dispose()
+    assert (len(calls), count_items(app, txn)) == ((2, 1) if comes_back else (3, 0))
+    assert "attempt 1 failed with OperationalError;" in caplog.text
 
 
 def test_retry_signals_carry_the_sqlstate(retry_app: Any) -> None:
