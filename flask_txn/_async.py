@@ -46,6 +46,7 @@ from ._atomic import (
 )
 from ._config import Settings, hide_password
 from ._errors import UsageError
+from ._timeouts import connect_options
 
 if TYPE_CHECKING:
     from ._atomic import Atomic
@@ -78,7 +79,9 @@ class AsyncDatabase:
     """An app's async engine and session factory, safe to use from many event loops."""
 
     def __init__(self, settings: Settings, url: URL) -> None:
-        options = {"poolclass": NullPool, **settings.async_engine_options}
+        options = connect_options(
+            url, settings.timeouts, {"poolclass": NullPool, **settings.async_engine_options}
+        )
         self.engine = create_async_engine(url, **options)
         event.listen(self.engine.sync_engine, "handle_error", record_error)
         self.factory: async_sessionmaker[AsyncSession] = async_sessionmaker(

@@ -13,7 +13,8 @@ offers:
 
 The first four apply to PostgreSQL through psycopg2 and psycopg only: for
 another database the first two do nothing, and setting the statement or read
-timeout is refused.
+timeout is refused. The async engine gets the first three (through asyncpg,
+the connect and statement timeouts), not the watchdog.
 
 libpq has no read timeout: a server that stopped (or a network device that
 froze a connection while its TCP peer still answers) leaves a query waiting
@@ -182,29 +183,14 @@ def uses_libpq(url: URL) -> bool:
 
 
 def engine_options(url: URL, timeouts: Timeouts, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` for ``create_engine`` with the timeouts added beneath the user's own.
-
-    A connection parameter in the user's ``connect_args`` or in the URL's query
-    wins over flask-txn's; a user's libpq ``options`` string is kept after
-    flask-txn's, so its ``-c`` settings win too.
+    """``options`` for ``create_engine`` with the timeouts added beneath the user's own:
+    the connection's (see :func:`connect_options`) and the pool's.
 
     :param url: the database URL.
     :param timeouts: the app's timeouts.
     :param options: ``TXN_ENGINE_OPTIONS`` over flask-txn's other engine defaults.
     """
-    merged = dict(options)
-    if uses_libpq(url):
-        given = dict(merged.get("connect_args", {}))
-        ours = _libpq_parameters(timeouts)
-        if "options" in ours:
-            theirs = given.get("options", url.query.get("options"))
-            if isinstance(theirs, str) and theirs.strip():
-                ours["options"] = f"{ours['options']} {theirs}"
-            given.pop("options", None)
-        for key, value in ours.items():
-            if key == "options" or (key not in given and key not in url.query):
-                given[key] = value
-        merged["connect_args"] = given
+    merged = connect_options(url, timeouts, options)
     if timeouts.pool is not None and "pool_timeout" not in merged and "pool" not in merged:
         dialect: Any = url.get_dialect()  # a DefaultDialect subclass, which has get_pool_class
         poolclass = merged.get("poolclass") or dialect.get_pool_class(url)
@@ -216,6 +202,43 @@ def engine_options(url: URL, timeouts: Timeouts, options: Mapping[str, Any]) -> 
                 f" {poolclass.__name__} never makes a request wait for a connection, so it"
                 " has no timeout. Set 'TXN_POOL_TIMEOUT' to None, or use a QueuePool."
             )
+    return merged
+
+
+def connect_options(url: URL, timeouts: Timeouts, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with the timeouts the driver applies to each connection added to
+    ``connect_args``, beneath the user's own: libpq's parameters (psycopg2, psycopg),
+    or asyncpg's connect timeout and ``statement_timeout`` setting.
+
+    A connection parameter in the user's ``connect_args`` or in the URL's query
+    wins over flask-txn's; a user's libpq ``options`` string is kept after
+    flask-txn's, so its ``-c`` settings win too, as do the user's asyncpg
+    ``server_settings``.
+    """
+    merged = dict(options)
+    given = dict(merged.get("connect_args", {}))
+    if uses_libpq(url):
+        ours = _libpq_parameters(timeouts)
+        if "options" in ours:
+            theirs = given.get("options", url.query.get("options"))
+            if isinstance(theirs, str) and theirs.strip():
+                ours["options"] = f"{ours['options']} {theirs}"
+            given.pop("options", None)
+        for key, value in ours.items():
+            if key == "options" or (key not in given and key not in url.query):
+                given[key] = value
+    elif url.get_backend_name() == "postgresql" and url.get_driver_name() == "asyncpg":
+        if timeouts.connect is not None:
+            given.setdefault("timeout", timeouts.connect)
+        if timeouts.statement is not None:
+            milliseconds = max(1, round(timeouts.statement * 1000))
+            given["server_settings"] = {
+                "statement_timeout": str(milliseconds),
+                **given.get("server_settings", {}),
+            }
+    else:
+        return merged
+    merged["connect_args"] = given
     return merged
 
 

@@ -276,6 +276,43 @@ def test_swallowed_errors_in_async_views(async_app: Any) -> None:
     assert sorted(values(app, txn)) == [1, 2, 22]
 
 
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_async_connections_get_the_timeouts(
+    make_app: Any, postgresql_url: str, driver: str
+) -> None:
+    """The async engine's connections carry the timeout keys as the sync engine's do:
+    the server's statement timeout, and (psycopg) libpq's connect and TCP settings."""
+    base = sa.make_url(postgresql_url)
+    if driver == "psycopg":
+        url, config = base.set(drivername="postgresql+psycopg"), {}
+    else:
+        url, config = base, {"TXN_ASYNC_DATABASE_URI": base.set(drivername="postgresql+asyncpg")}
+    app, _ = make_app(url, TXN_STATEMENT_TIMEOUT=5, TXN_CONNECT_TIMEOUT=7, **config)
+    seen: dict[str, Any] = {}
+
+    @atomic
+    async def look() -> None:
+        session = app.extensions["flask-txn"].async_session
+        seen["statement_timeout"] = await session.scalar(sa.text("SHOW statement_timeout"))
+        connection = await session.connection()
+        raw = (await connection.get_raw_connection()).driver_connection
+        if driver == "psycopg":
+            seen["libpq"] = {
+                key: raw.info.get_parameters().get(key)
+                for key in ("connect_timeout", "keepalives", "tcp_user_timeout")
+            }
+
+    with app.app_context():
+        asyncio.run(look())
+    assert seen["statement_timeout"] == "5s"
+    if driver == "psycopg":
+        assert seen["libpq"] == {
+            "connect_timeout": "7",
+            "keepalives": "1",
+            "tcp_user_timeout": "30000",
+        }
+
+
 def test_every_attempt_of_an_async_view_reads_the_whole_body(async_app: Any) -> None:
     """A re-run async view reads the request stream from its start again."""
     app, txn = async_app

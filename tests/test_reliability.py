@@ -1148,6 +1148,23 @@ def test_unset_timeouts_add_nothing_and_a_derived_pool_timeout_needs_a_queue() -
     )
 
 
+def test_asyncpg_gets_the_connect_and_statement_timeouts_beneath_the_users() -> None:
+    """asyncpg: the connect timeout as ``timeout``, the statement timeout as a server
+    setting; the user's own ``timeout`` and ``server_settings`` win."""
+    from flask_txn._timeouts import Timeouts, connect_options
+
+    url = sa.make_url("postgresql+asyncpg://u@127.0.0.1:1/x")
+    timeouts = Timeouts(10.0, 30.0, 2.5, 3.5, None, {})
+    mine = {"timeout": 4, "server_settings": {"statement_timeout": "900", "jit": "off"}}
+    assert (
+        connect_options(url, timeouts, {})["connect_args"],
+        connect_options(url, timeouts, {"connect_args": mine})["connect_args"],
+    ) == (
+        {"timeout": 10.0, "server_settings": {"statement_timeout": "2500"}},
+        {"timeout": 4, "server_settings": {"statement_timeout": "900", "jit": "off"}},
+    )
+
+
 def test_a_closed_connection_is_not_watched(postgresql_url: str) -> None:
     """An operation on a connection with no socket runs unwatched and fails as it would."""
     app, ext = plain_app(postgresql_url, TXN_READ_TIMEOUT=5)
