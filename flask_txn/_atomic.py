@@ -143,6 +143,9 @@ class _Options:
     policy: RetryPolicy
     veto: StatusVeto
     sqlite_begin: str | None
+    #: ``TXN_CONNECT_TIMEOUT``: how long a block keeps retrying connections that
+    #: could not be made.
+    connect_timeout: float | None
 
 
 _savepoint_ids = itertools.count(1)
@@ -174,17 +177,26 @@ def record_error(context: ExceptionContext) -> None:
     User code may catch a serialization failure and carry on; PostgreSQL would
     then turn COMMIT into a silent ROLLBACK. Recording here lets the block see it.
     A connection that could not be made (refused, the server starting up or
-    shutting down, a connect timeout) dooms the attempt too: nothing was sent,
-    so running it again is safe, and the server may be back by then.
+    shutting down) dooms the attempt too: nothing was sent, so running it again
+    is safe, and the server may be back by then.
     """
     txn = _current.get()
     if txn is None or context.engine is not txn.engine or context.is_pre_ping:
         return
     error = context.sqlalchemy_exception or context.original_exception
     txn.last_error = error
-    never_connected = context.connection is None
-    if txn.doomed is None and (context.is_disconnect or never_connected or is_retryable(error)):
+    reconnect = context.connection is None and _may_reconnect(txn)
+    if txn.doomed is None and (context.is_disconnect or reconnect or is_retryable(error)):
         txn.doomed = error
+
+
+def _may_reconnect(txn: _Transaction) -> bool:
+    """Whether a connection that could not be made is worth another attempt: only
+    while the block has run for less than the connect timeout in all. A connect
+    that ran out of it (a host that does not answer) would make each retry wait
+    as long again."""
+    limit = txn.options.connect_timeout
+    return limit is None or time.perf_counter() - txn.started < limit
 
 
 class Atomic:
@@ -550,6 +562,7 @@ class Atomic:
             policy=policy,
             veto=settings.rollback_on_status,
             sqlite_begin=settings.sqlite_begin if engine.dialect.name == "sqlite" else None,
+            connect_timeout=settings.timeouts.connect,
         )
 
     def _check_nested(self, txn: _Transaction) -> None:

@@ -146,6 +146,34 @@ def test_connection_refused_is_retried(
     assert "attempt 1 failed with OperationalError;" in caplog.text
 
 
+def test_a_connect_that_timed_out_is_not_retried(make_app: Any, postgresql_url: str) -> None:
+    """A server that accepts the TCP connection and never answers makes the connect
+    run out of TXN_CONNECT_TIMEOUT: retrying would make each attempt wait as long
+    again, so the block gives up after one."""
+    make_app()  # the tables
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the handshake; nobody ever answers
+        url = sa.make_url(postgresql_url).set(host="127.0.0.1", port=silent.getsockname()[1])
+        app = Flask("silent")
+        app.config.update(TXN_DATABASE_URI=url, TXN_CONNECT_TIMEOUT=2)
+        ext = FlaskTxn(app)
+        calls = []
+
+        @atomic
+        def work() -> None:
+            calls.append(1)
+            ext.session.add(Item(name="x"))
+
+        try:
+            with app.app_context(), pytest.raises(sa.exc.OperationalError, match="timeout"):
+                work()
+        finally:
+            with app.app_context():
+                ext.engine.dispose()
+    assert calls == [1]
+
+
 def test_retry_signals_carry_the_sqlstate(retry_app: Any) -> None:
     """The rolled-back and retrying events of a real 40001 carry its SQLSTATE."""
     app, txn, _ = retry_app
