@@ -41,7 +41,8 @@ def _settings(mode: Mode) -> str:
     return (
         f"- runs: scenarios 2-4 {mode.rounds} x {mode.seconds} s per variant;"
         f" scaling {mode.scaling_rounds} x {mode.scaling_seconds} s; backoff"
-        f" {mode.backoff_rounds} x {mode.backoff_seconds} s; overhead"
+        f" {mode.backoff_rounds} x {mode.backoff_seconds} s; paired scaling"
+        f" {mode.paired_rounds} x {mode.scaling_seconds} s; overhead"
         f" {mode.overhead_rounds} x {mode.overhead_seconds} s\n"
         "- flask-txn side: gunicorn gthread, min(2, clients) workers x `clients` threads,"
         " each worker's pool `pool_size=clients, max_overflow=0` (the bounded pool: 2 x cores"
@@ -97,6 +98,17 @@ def run(mode: Mode, scenarios: Sequence[str], out: Path) -> list[results.Compari
                     if main:
                         _progress("read committed, 8 clients")
                         done(contention.read_committed(setup))
+                    if (
+                        "scaling" in scenarios
+                        and mode.paired_rounds
+                        and clients == max(mode.scaling_clients) > MAIN_CLIENTS
+                    ):
+                        _progress(f"serializable, {MAIN_CLIENTS} and {clients} clients, paired")
+                        paired = dataclasses.replace(
+                            setup, rounds=mode.paired_rounds, seconds=mode.scaling_seconds
+                        )
+                        for comparison in contention.paired_scaling(paired, MAIN_CLIENTS):
+                            done(comparison)
                     if "backoff" in scenarios and clients in mode.backoff_clients:
                         _progress(f"backoff sweep, {clients} client(s)")
                         sweep = contention.Setup(
@@ -185,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             rounds=args.rounds,
             scaling_rounds=args.rounds,
             backoff_rounds=args.rounds,
+            paired_rounds=args.rounds,
         )
     if args.seconds:
         mode = dataclasses.replace(

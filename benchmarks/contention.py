@@ -110,6 +110,48 @@ def serializable(setup: Setup) -> Comparison:
     )
 
 
+def paired_scaling(setup: Setup, fewer: int) -> list[Comparison]:
+    """Scenario 5b: scenario 3 at ``fewer`` clients and at ``setup.clients``, on one server.
+
+    The runs at both client counts are interleaved, so each variant's goodput at
+    more clients is divided by its goodput at fewer in the same round: the
+    share it keeps, with the drift between separate servers and minutes taken out.
+    The server is sized for the larger count; with fewer clients, a pool with a
+    connection per client just leaves some unused.
+    """
+    few = dataclasses.replace(setup, clients=fewer)
+    path = _path(workload.SERIALIZABLE)
+    pairs = {
+        PGBENCH_SER: (few, setup),
+        FLASK_TXN_SER: (few, setup),
+        FLASK_TXN_SER_BOUNDED: (few, setup),
+    }
+    variants: dict[str, RunOnce] = {}
+    for name, sides in pairs.items():
+        for side in sides:
+            key = f"{name} at {side.clients}"
+            if name == PGBENCH_SER:
+                variants[key] = side.pgbench(workload.SERIALIZABLE, workload.HOT)
+            elif name == FLASK_TXN_SER:
+                variants[key] = side.flask_txn(path, workload.HOT)
+            else:
+                variants[key] = side.flask_txn(BOUNDED_POOL + path, workload.HOT)
+    runs = setup.interleave(workload.HOT, variants)
+    return [
+        Comparison(
+            "paired",
+            f"5b. {name}: hot SERIALIZABLE at {fewer} and {setup.clients} clients, paired",
+            setup.clients,
+            "committed/s",
+            {f"{side.clients} clients": runs[f"{name} at {side.clients}"] for side in (few, setup)},
+            notes=f"Both client counts on one server, interleaved; ratio = the share of its"
+            f" {fewer}-client goodput the variant keeps with {setup.clients} clients,"
+            " round by round.",
+        )
+        for name in pairs
+    ]
+
+
 def read_committed(setup: Setup) -> Comparison:
     """Scenario 4: 10 hot accounts, READ COMMITTED: ordered locks against deadlocks."""
     runs = setup.interleave(

@@ -22,6 +22,8 @@ class Mode:
     scaling_clients: tuple[int, ...]
     scaling_rounds: int
     scaling_seconds: int
+    #: scenario 5b: rounds of 8 against the most scaling clients on one server (0: none).
+    paired_rounds: int
     #: scenario 3b: backoff settings (wait_initial, wait_max) and where to try them.
     backoffs: tuple[tuple[float, float], ...]
     backoff_clients: tuple[int, ...]
@@ -44,6 +46,7 @@ SMOKE = Mode(
     scaling_clients=(2,),
     scaling_rounds=1,
     scaling_seconds=1,
+    paired_rounds=0,
     backoffs=((0.0, 0.0),),
     backoff_clients=(2,),
     backoff_rounds=1,
@@ -60,6 +63,7 @@ QUICK = Mode(
     scaling_clients=(1, 2, 4, 16, 32),
     scaling_rounds=1,
     scaling_seconds=2,
+    paired_rounds=0,
     backoffs=BACKOFFS,
     backoff_clients=(8,),
     backoff_rounds=1,
@@ -76,6 +80,7 @@ FULL = Mode(
     scaling_clients=(1, 2, 4, 16, 32),
     scaling_rounds=3,
     scaling_seconds=3,
+    paired_rounds=4,
     backoffs=BACKOFFS,
     backoff_clients=(2, 8, 32),
     backoff_rounds=3,

@@ -207,11 +207,17 @@ def scaling_markdown(comparisons: Sequence[Comparison]) -> str:
 
 
 def report(comparisons: Sequence[Comparison]) -> str:
-    """Scenarios 1 to 4 at their concurrency, the backoff sweeps, then scaling."""
+    """Scenarios 1 to 4 at their concurrency, the backoff sweeps, scaling, then 5b."""
     main = [c for c in comparisons if c.key in ("overhead", "noop") or c.clients == MAIN_CLIENTS]
-    main = [c for c in main if c.key != "backoff"]
+    main = [c for c in main if c.key not in ("backoff", "paired")]
     sweeps = sorted((c for c in comparisons if c.key == "backoff"), key=lambda c: c.clients)
-    return markdown([*main, *sweeps]) + "\n" + scaling_markdown(comparisons)
+    paired = [c for c in comparisons if c.key == "paired"]
+    return (
+        markdown([*main, *sweeps])
+        + "\n"
+        + scaling_markdown(comparisons)
+        + ("\n" + markdown(paired) if paired else "")
+    )
 
 
 def save(path: Path, facts: dict[str, Any], comparisons: Sequence[Comparison]) -> None:
