@@ -111,44 +111,62 @@ def serializable(setup: Setup) -> Comparison:
 
 
 def paired_scaling(setup: Setup, fewer: int) -> list[Comparison]:
-    """Scenario 5b: scenario 3 at ``fewer`` clients and at ``setup.clients``, on one server.
+    """Scenario 5b: scenarios 3 and 2 at ``fewer`` clients and at ``setup.clients``, on
+    one server.
 
     The runs at both client counts are interleaved, so each variant's goodput at
     more clients is divided by its goodput at fewer in the same round: the
     share it keeps, with the drift between separate servers and minutes taken out.
-    The server is sized for the larger count; with fewer clients, a pool with a
-    connection per client just leaves some unused.
+    The cold transfers never conflict: what they lose is what the machine loses to
+    more clients, the baseline for the hot ones. The server is sized for the larger
+    count; with fewer clients, a pool with a connection per client leaves some unused.
     """
-    few = dataclasses.replace(setup, clients=fewer)
-    path = _path(workload.SERIALIZABLE)
-    pairs = {
-        PGBENCH_SER: (few, setup),
-        FLASK_TXN_SER: (few, setup),
-        FLASK_TXN_SER_BOUNDED: (few, setup),
+    serializable, cold = _path(workload.SERIALIZABLE), _path(workload.READ_COMMITTED)
+    hot: dict[str, Callable[[Setup], RunOnce]] = {
+        PGBENCH_SER: lambda side: side.pgbench(workload.SERIALIZABLE, workload.HOT),
+        FLASK_TXN_SER: lambda side: side.flask_txn(serializable, workload.HOT),
+        FLASK_TXN_SER_BOUNDED: lambda side: side.flask_txn(
+            BOUNDED_POOL + serializable, workload.HOT
+        ),
     }
-    variants: dict[str, RunOnce] = {}
-    for name, sides in pairs.items():
-        for side in sides:
-            key = f"{name} at {side.clients}"
-            if name == PGBENCH_SER:
-                variants[key] = side.pgbench(workload.SERIALIZABLE, workload.HOT)
-            elif name == FLASK_TXN_SER:
-                variants[key] = side.flask_txn(path, workload.HOT)
-            else:
-                variants[key] = side.flask_txn(BOUNDED_POOL + path, workload.HOT)
-    runs = setup.interleave(workload.HOT, variants)
+    uncontended: dict[str, Callable[[Setup], RunOnce]] = {
+        PGBENCH_COLD: lambda side: side.pgbench(workload.READ_COMMITTED, workload.COLD),
+        FLASK_TXN_COLD: lambda side: side.flask_txn(cold, workload.COLD),
+    }
+    return [
+        *_paired(setup, fewer, workload.HOT, "hot SERIALIZABLE", hot),
+        *_paired(setup, fewer, workload.COLD, "cold READ COMMITTED", uncontended),
+    ]
+
+
+def _paired(
+    setup: Setup,
+    fewer: int,
+    naccts: int,
+    what: str,
+    variants: dict[str, Callable[[Setup], RunOnce]],
+) -> list[Comparison]:
+    sides = (dataclasses.replace(setup, clients=fewer), setup)
+    runs = setup.interleave(
+        naccts,
+        {
+            f"{name} at {side.clients}": make(side)
+            for name, make in variants.items()
+            for side in sides
+        },
+    )
     return [
         Comparison(
             "paired",
-            f"5b. {name}: hot SERIALIZABLE at {fewer} and {setup.clients} clients, paired",
+            f"5b. {name}: {what} at {fewer} and {setup.clients} clients, paired",
             setup.clients,
             "committed/s",
-            {f"{side.clients} clients": runs[f"{name} at {side.clients}"] for side in (few, setup)},
+            {f"{side.clients} clients": runs[f"{name} at {side.clients}"] for side in sides},
             notes=f"Both client counts on one server, interleaved; ratio = the share of its"
             f" {fewer}-client goodput the variant keeps with {setup.clients} clients,"
             " round by round.",
         )
-        for name in pairs
+        for name in variants
     ]
 
 

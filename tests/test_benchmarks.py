@@ -66,6 +66,28 @@ def test_ratio_is_the_median_of_paired_runs() -> None:
     assert results.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0
 
 
+def test_report_orders_the_scenarios_and_ends_with_the_paired_scaling() -> None:
+    """The report: scenarios at 8 clients, then scaling, then 5b (paired 8 against 32)."""
+
+    def comparison(key: str, clients: int, names: tuple[str, ...]) -> Comparison:
+        runs = {name: [Run(100, 1.0), Run(90, 1.0)] for name in names}
+        return Comparison(key, f"title of {key} at {clients}", clients, "committed/s", runs)
+
+    report = results.report(
+        [
+            comparison("paired", 32, ("8 clients", "32 clients")),
+            comparison("serializable", 8, ("pgbench", "flask-txn")),
+            comparison("serializable", 32, ("pgbench", "flask-txn")),
+        ]
+    )
+    positions = [
+        report.index(text)
+        for text in ("title of serializable at 8", "## 5. Scaling", "title of paired at 32")
+    ]
+    assert positions == sorted(positions)
+    assert "title of serializable at 32" not in report  # only in the scaling table
+
+
 @pytest.mark.postgresql_only
 def test_smoke_run_writes_every_scenario(tmp_path: Path) -> None:
     """``python -m benchmarks --smoke`` runs scenarios 1 to 5 and writes tables, JSON and plots."""
