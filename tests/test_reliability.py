@@ -696,6 +696,20 @@ def _dispose(app: Flask) -> None:
         txn.engine.dispose()
 
 
+def execute_threaded(
+    run: Run, url: str, database_url: str, fault: Callable[[Load], None], config: dict[str, Any]
+) -> list[int]:
+    """Serve the bank on ``url`` from a threaded server, run ``run`` against it with
+    ``fault`` (checked on ``database_url``), then return :func:`recovered`'s statuses."""
+    app = build(url, **config)
+    try:
+        with threaded(app) as served:
+            execute(run, database_url, served, fault)
+            return recovered(served.port, run.endpoint)
+    finally:
+        _dispose(app)
+
+
 #: Pause between two kills, and how many at most.
 KILL_INTERVAL = 0.05
 MAX_KILLS = max(20, TRANSFERS // 20)
@@ -736,13 +750,7 @@ def test_backends_killed_at_random(database_url: str, isolation: str) -> None:
         finally:
             engine.dispose()
 
-    app = build(database_url, **app_config())
-    try:
-        with threaded(app) as served:
-            execute(run, database_url, served, kill)
-            after = recovered(served.port, run.endpoint)
-    finally:
-        _dispose(app)
+    after = execute_threaded(run, database_url, database_url, kill, app_config())
     run.faults = dict(killed)
     publish(run)
     assert_clean(run)
@@ -780,13 +788,7 @@ def test_server_restarted(isolation: str) -> None:
                 engine.dispose()
             server.restart()
 
-        app = build(server.url, **app_config())
-        try:
-            with threaded(app) as served:
-                execute(run, server.url, served, restart)
-                after = recovered(served.port, run.endpoint)
-        finally:
-            _dispose(app)
+        after = execute_threaded(run, server.url, server.url, restart, app_config())
     run.faults = {"restarts": len(live), "transactions open at the restart": sum(live)}
     publish(run)
     assert_clean(run)
@@ -819,13 +821,7 @@ def test_connections_reset_by_the_network(database_url: str, isolation: str) -> 
                     return
                 hits.append(proxy.reset())
 
-        app = build(url, **app_config())
-        try:
-            with threaded(app) as served:
-                execute(run, database_url, served, reset)
-                after = recovered(served.port, run.endpoint)
-        finally:
-            _dispose(app)
+        after = execute_threaded(run, url, database_url, reset, app_config())
     run.faults = {
         "resets": len(hits),
         "connections reset": sum(hit.connections for hit in hits),
@@ -875,13 +871,7 @@ def test_connections_stalled_by_the_network(database_url: str, isolation: str) -
             TXN_STATEMENT_TIMEOUT=STALL_STATEMENT,
             TXN_READ_TIMEOUT=STALL_READ,
         )
-        app = build(url, **config)
-        try:
-            with threaded(app) as served:
-                execute(run, database_url, served, freeze)
-                after = recovered(served.port, run.endpoint)
-        finally:
-            _dispose(app)
+        after = execute_threaded(run, url, database_url, freeze, config)
     run.faults = {
         "stalls": len(hits),
         "seconds stalled": stall,
