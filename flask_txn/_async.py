@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -45,10 +44,12 @@ from ._atomic import (
     rewind_request_body,
 )
 from ._config import Settings, hide_password
-from ._errors import UsageError
+from ._errors import ConfigError, UsageError
 from ._timeouts import connect_options
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
     from ._atomic import Atomic
     from ._extension import _State
 
@@ -79,6 +80,10 @@ class AsyncDatabase:
     """An app's async engine and session factory, safe to use from many event loops."""
 
     def __init__(self, settings: Settings, url: URL) -> None:
+        # Imported here: SQLAlchemy's asyncio support needs greenlet (the 'async'
+        # extra), which a sync-only app need not install.
+        from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
         options = connect_options(
             url, settings.timeouts, {"poolclass": NullPool, **settings.async_engine_options}
         )
@@ -115,9 +120,20 @@ class AsyncDatabase:
 
 
 def make_database(settings: Settings) -> AsyncDatabase | None:
-    """The app's async database, or None when it has no async URL."""
+    """The app's async database, or None when it has no async URL, or when its URL is
+    the sync one (psycopg 3) and SQLAlchemy's asyncio support is not installed."""
     url = async_url(settings)
-    return None if url is None else AsyncDatabase(settings, url)
+    if url is None:
+        return None
+    try:
+        return AsyncDatabase(settings, url)
+    except ImportError as exc:
+        if settings.async_url is None:
+            return None  # a sync app on psycopg 3, without the 'async' extra
+        raise ConfigError(
+            f"'TXN_ASYNC_DATABASE_URI' is set, but SQLAlchemy's asyncio support cannot be"
+            f" imported ({exc}). Install the 'async' extra: pip install 'flask-txn[async]'."
+        ) from None
 
 
 async def database_of(state: _State) -> AsyncDatabase:
@@ -125,6 +141,11 @@ async def database_of(state: _State) -> AsyncDatabase:
     database = state.async_database
     if database is None:
         url = state.settings.url
+        if async_url(state.settings) is not None:
+            raise UsageError(
+                "'atomic' on a coroutine needs SQLAlchemy's asyncio support, which needs the"
+                " greenlet package. Install the 'async' extra: pip install 'flask-txn[async]'."
+            )
         raise UsageError(
             f"'atomic' on a coroutine needs an async database URL, and the app's URL"
             f" {hide_password(url)!r} uses {url.drivername!r}, which has no async form"
@@ -139,13 +160,14 @@ async def database_of(state: _State) -> AsyncDatabase:
 def current_session() -> AsyncSession:
     """The ``AsyncSession`` of the innermost async atomic block of this task."""
     txn = _current.get()
-    if txn is None or not isinstance(txn.exposed, AsyncSession):
+    if txn is None or txn.exposed is txn.session:
         raise UsageError(
             "'async_session' is only available inside an async atomic block (an"
             " '@atomic' coroutine or 'async with atomic():'), which opens and closes it"
             " in the view's own event loop. Outside one, there is no session."
         )
-    return txn.exposed
+    session: AsyncSession = txn.exposed
+    return session
 
 
 def _step(_session: Session, func: Callable[..., R], *args: Any, **kwargs: Any) -> R:

@@ -26,7 +26,6 @@ from flask import current_app, has_request_context, request
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.exc import DBAPIError, ResourceClosedError
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
@@ -53,6 +52,8 @@ from ._session import SQLITE_BEGIN, current_app_object, has_pending_writes
 from ._timeouts import check_seconds
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from ._extension import FlaskTxn, _State
 
 P = ParamSpec("P")

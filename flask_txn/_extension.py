@@ -8,12 +8,11 @@ import sys
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app, has_app_context
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.util import ScopedRegistry
 
@@ -29,6 +28,9 @@ from ._config import (
 )
 from ._errors import PendingWritesError, UsageError
 from ._signals import send_rolled_back
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 log = logging.getLogger("flask_txn")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 from collections import Counter
 from typing import Any
@@ -382,6 +383,36 @@ def test_psycopg2_app_needs_an_async_url(make_app: Any, postgresql_url: str) -> 
 
     with app.app_context(), pytest.raises(UsageError, match="Set 'TXN_ASYNC_DATABASE_URI'"):
         asyncio.run(work())
+
+
+def test_without_the_async_extra(
+    make_app: Any, postgresql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without SQLAlchemy's asyncio support (no greenlet): a psycopg 3 app still serves
+    sync blocks, and its async blocks say which extra to install; an app that set
+    TXN_ASYNC_DATABASE_URI is refused in init_app."""
+    # What a missing greenlet does: importing SQLAlchemy's asyncio package fails.
+    monkeypatch.setitem(sys.modules, "sqlalchemy.ext.asyncio", None)
+    app, txn = make_app(sa.make_url(postgresql_url).set(drivername="postgresql+psycopg"))
+
+    @atomic
+    async def work() -> None:
+        pass
+
+    with app.app_context():
+        with atomic():
+            txn.session.add(Item(id=5, name="sync"))
+        with pytest.raises(UsageError, match=r"pip install 'flask-txn\[async\]'"):
+            asyncio.run(work())
+    explicit = Flask("explicit_async_url")
+    explicit.config.update(
+        TXN_DATABASE_URI=postgresql_url,
+        TXN_ASYNC_DATABASE_URI=sa.make_url(postgresql_url).set(drivername="postgresql+asyncpg"),
+    )
+    with pytest.raises(
+        ConfigError, match=r"'TXN_ASYNC_DATABASE_URI' is set, but .*flask-txn\[async\]"
+    ):
+        FlaskTxn(explicit)
 
 
 def test_async_url_is_validated(postgresql_url: str) -> None:

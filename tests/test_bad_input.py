@@ -296,6 +296,12 @@ TABLE = [
     ),
     Row("async-uri-syntax", ConfigError, "init_app", "test_async.py::test_async_url_is_validated"),
     Row(
+        "async-extra-missing",
+        ConfigError,
+        "init_app",
+        "test_async.py::test_without_the_async_extra",
+    ),
+    Row(
         "async-engine-options-type",
         ConfigError,
         "init_app",
@@ -351,6 +357,12 @@ TABLE = [
         UsageError,
         "entering the block",
         "test_async.py::test_psycopg2_app_needs_an_async_url",
+    ),
+    Row(
+        "async-extra-missing-block",
+        UsageError,
+        "entering the block",
+        "test_async.py::test_without_the_async_extra",
     ),
     Row(
         "sync-async-nesting",
