@@ -147,6 +147,19 @@ class _Options:
     #: ``TXN_CONNECT_TIMEOUT``: how long a block keeps retrying connections that
     #: could not be made.
     connect_timeout: float | None
+    #: nothing to apply as the transaction begins: no isolation level, BEGIN
+    #: mode or read-only flag, no ``SET LOCAL`` (the default; checked per block).
+    plain: bool = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        plain = (
+            self.isolation is None
+            and self.sqlite_begin is None
+            and not self.readonly  # deferrable needs readonly
+            and self.statement_timeout is None
+            and self.lock_timeout is None
+        )
+        object.__setattr__(self, "plain", plain)
 
 
 _savepoint_ids = itertools.count(1)
@@ -720,7 +733,7 @@ def _check_dialect(engine: Engine, options: _Options) -> None:
 
 
 def _apply_options(session: Session, options: _Options) -> None:
-    if session.info.get(JOINED):
+    if options.plain or session.info.get(JOINED):
         return  # flask_txn.testing documents that the test's transaction rules.
     execution_options: dict[str, Any] = {}
     if options.sqlite_begin is not None:
@@ -913,13 +926,18 @@ def _vetoed(rv: object, veto: StatusVeto, wrapper: Callable[..., Any]) -> bool:
     Only the request's view function is judged (``TXN_ROLLBACK_ON_STATUS``): a
     helper returning a tuple like ``(item_id, 500)`` is data, not a response.
     """
-    if veto is None or not has_request_context():
+    if veto is None:
         return False
     if callable(veto):
-        return _is_current_view(wrapper) and bool(veto(rv))
+        return has_request_context() and _is_current_view(wrapper) and bool(veto(rv))
     # The status first: finding the view is only worth it for an error response.
     status = _status_of(rv)
-    return status is not None and status >= veto and _is_current_view(wrapper)
+    return (
+        status is not None
+        and status >= veto
+        and has_request_context()
+        and _is_current_view(wrapper)
+    )
 
 
 def _is_current_view(wrapper: Callable[..., Any]) -> bool:

@@ -124,7 +124,8 @@ def _mark_written(session: Session, _flush_context: Any) -> None:
 
 
 def _mark_dml(state: ORMExecuteState) -> None:
-    if state.is_insert or state.is_update or state.is_delete:
+    # INSERT, UPDATE or DELETE, also inside select().from_statement(...).
+    if state.statement.is_dml:
         state.session.info[_WROTE] = True
 
 
@@ -138,7 +139,11 @@ def has_pending_writes(session: Session) -> bool:
     Counts unflushed objects, flushes and ORM DML in the open transaction; a raw
     SQL string passed to ``execute`` is not inspected.
     """
-    return bool(session.info.get(_WROTE) or session.new or session.deleted or session.dirty)
+    if session.info.get(_WROTE) or session.new:
+        return True
+    # Deleted and modified objects are persistent, so in the identity map: an
+    # empty map (a view that ran SQL statements only) spares building both sets.
+    return bool(session.identity_map) and bool(session.deleted or session.dirty)
 
 
 def current_app_context() -> Any:
@@ -162,9 +167,8 @@ def claim(session: Session) -> Session:
 def _refuse_in_event_loop() -> None:
     """Flask runs an async view in a loop of its own, in another thread: a session made
     there would never be removed by teardown, and would keep its connection."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    # The non-raising form of get_running_loop(): this runs for every new session.
+    if asyncio._get_running_loop() is None:
         return
     raise UsageError(
         "'txn.session' was used inside a running event loop (an async view). Flask"
