@@ -782,6 +782,23 @@ def test_read_only_request_is_not_reported(
     assert caplog.records == []
 
 
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_writes_of_an_ended_transaction_are_not_reported(make_app: AppFactory, end: str) -> None:
+    """Writes that a commit or rollback ended do not count against the next transaction."""
+    app, txn = make_app(TXN_ON_DISCARD="raise")
+
+    @app.get("/")
+    def view() -> str:
+        txn.session.execute(sa.insert(Item).values(name="statement"))
+        txn.session.add(Item(name="flushed"))
+        txn.session.flush()
+        getattr(txn.session, end)()
+        # A new transaction, open at teardown, that only reads.
+        return str(txn.session.scalar(sa.select(sa.func.count()).select_from(Item)))
+
+    assert app.test_client().get("/").text == ("2" if end == "commit" else "0")
+
+
 def test_discard_ignore_is_silent(discarding: Any, caplog: pytest.LogCaptureFixture) -> None:
     """TXN_ON_DISCARD='ignore' logs nothing for discarded writes."""
     app, _ = discarding(TXN_ON_DISCARD="ignore")
