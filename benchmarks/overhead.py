@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from flask import Flask, request
@@ -34,8 +35,16 @@ SELECT = sa.text("SELECT balance FROM accounts WHERE id = :id")
 #: there is no noise) shows how far apart two identical variants come out.
 CONTROL = "hand-written again (the noise floor)"
 
-#: A variant: the call to time, and whether 3 signal receivers listen meanwhile.
-Variant = tuple[Callable[[], object], bool]
+#: Independently built copies of each app in the view comparison. Two copies of
+#: the same code came out up to 2% apart here: each has its own connection (so its
+#: own database backend) and its own place in memory. The rounds rotate over the
+#: copies, so that no ratio rests on one copy, and the noise-floor row is a copy
+#: of the anchor built apart from it.
+COPIES = 3
+
+#: A variant: the calls to time (one per copy, used in turn by the rounds), and
+#: whether 3 signal receivers listen meanwhile.
+Variant = tuple[Sequence[Callable[[], object]], bool]
 
 
 def rate(func: Callable[[], object], seconds: float) -> Run:
@@ -65,16 +74,18 @@ def receivers(connect: bool) -> Iterator[None]:
 
 
 def compare(variants: dict[str, Variant], rounds: int, seconds: float) -> dict[str, list[Run]]:
-    """Interleave the variants ``rounds`` times (A B C, C A B, ...: a new order each round)."""
+    """Interleave the variants ``rounds`` times (A B C, C A B, ...: a new order each
+    round), each round on the next copy of each variant."""
     runs: dict[str, list[Run]] = {name: [] for name in variants}
-    for func, signals in variants.values():
+    for funcs, signals in variants.values():
         with receivers(signals):
-            rate(func, seconds / 2)  # warm pools, caches and code paths
+            for func in funcs:
+                rate(func, seconds / 2)  # warm pools, caches and code paths
     for round_ in range(rounds):
         for name in shuffled(variants, round_):
-            func, signals = variants[name]
+            funcs, signals = variants[name]
             with receivers(signals):
-                runs[name].append(rate(func, seconds))
+                runs[name].append(rate(funcs[round_ % len(funcs)], seconds))
     return runs
 
 
@@ -101,15 +112,11 @@ def _async_views(url: str, rounds: int, seconds: float) -> dict[str, list[Run]]:
         result = await txn.async_session.execute(SELECT, {"id": request.args["id"]})
         return str(result.scalar_one())
 
-    hand, txn_client, hand_ids, txn_ids = hand_app.test_client(), app.test_client(), _ids(), _ids()
     try:
         return compare(
             {
-                "hand-written `async with AsyncSession.begin()`": (
-                    lambda: hand.get(hand_ids()),
-                    False,
-                ),
-                "flask-txn `@atomic` on a coroutine": (lambda: txn_client.get(txn_ids()), False),
+                "hand-written `async with AsyncSession.begin()`": ([_requests(hand_app)], False),
+                "flask-txn `@atomic` on a coroutine": ([_requests(app)], False),
             },
             rounds,
             seconds,
@@ -120,76 +127,97 @@ def _async_views(url: str, rounds: int, seconds: float) -> dict[str, list[Run]]:
             txn.engine.dispose()
 
 
-def _ids() -> Callable[[], str]:
-    rng = random.Random(1)
-    return lambda: f"/?id={rng.randint(1, COLD)}"
+def _requests(app: Flask) -> Callable[[], object]:
+    """A GET of ``app``'s view for a random account, through WSGI in-process."""
+    client, rng = app.test_client(), random.Random(1)
+    return lambda: client.get(f"/?id={rng.randint(1, COLD)}")
 
 
-def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
-    """Scenario 1 on the ``accounts`` table (already loaded): a view, then a bare block."""
+def _hand_written(url: str, stack: contextlib.ExitStack) -> Flask:
+    """The anchor: ``with Session.begin():`` in the view, flask-txn's engine options."""
     engine = sa.create_engine(url, pool_pre_ping=True)
-    hand_session = sessionmaker(engine, expire_on_commit=False)
-    hand_app = Flask("hand_written")
-
-    @hand_app.get("/")
-    def hand_view() -> str:
-        with hand_session.begin() as session:
-            return str(session.execute(SELECT, {"id": request.args["id"]}).scalar_one())
-
-    app = Flask("flask_txn_app")
-    app.config["TXN_DATABASE_URI"] = url
-    txn = FlaskTxn(app)
+    stack.callback(engine.dispose)
+    by_hand = sessionmaker(engine, expire_on_commit=False)
+    app = Flask("hand_written")
 
     @app.get("/")
-    @atomic
-    def txn_view() -> str:
+    def view() -> str:
+        with by_hand.begin() as session:
+            return str(session.execute(SELECT, {"id": request.args["id"]}).scalar_one())
+
+    return app
+
+
+def _flask_txn(url: str, stack: contextlib.ExitStack, **config: Any) -> Flask:
+    """The same view under ``@atomic``, with flask-txn's defaults updated by ``config``."""
+    app = Flask("flask_txn_app")
+    app.config.update(TXN_DATABASE_URI=url, **config)
+    txn = FlaskTxn(app)
+
+    def dispose() -> None:
+        with app.app_context():
+            txn.engine.dispose()
+
+    stack.callback(dispose)
+
+    @app.get("/")
+    @txn.atomic
+    def view() -> str:
         return str(txn.session.execute(SELECT, {"id": request.args["id"]}).scalar_one())
 
-    lean_app = Flask("flask_txn_no_pre_ping")
-    lean_app.config.update(TXN_DATABASE_URI=url, TXN_ENGINE_OPTIONS={"pool_pre_ping": False})
-    lean_txn = FlaskTxn(lean_app)
+    return app
 
-    @lean_app.get("/")
-    @lean_txn.atomic
-    def lean_view() -> str:
-        return str(lean_txn.session.execute(SELECT, {"id": request.args["id"]}).scalar_one())
 
-    fsa_app = Flask("flask_sqlalchemy_app")
-    fsa_app.config.update(
+def _flask_sqlalchemy(url: str, stack: contextlib.ExitStack) -> Flask:
+    """Flask-SQLAlchemy's scoped session with an explicit ``commit()``."""
+    app = Flask("flask_sqlalchemy_app")
+    app.config.update(
         SQLALCHEMY_DATABASE_URI=url, SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True}
     )
-    db = SQLAlchemy(fsa_app, session_options={"expire_on_commit": False})
+    db = SQLAlchemy(app, session_options={"expire_on_commit": False})
 
-    @fsa_app.get("/")
-    def fsa_view() -> str:
+    def dispose() -> None:
+        with app.app_context():
+            db.engine.dispose()
+
+    stack.callback(dispose)
+
+    @app.get("/")
+    def view() -> str:
         balance = db.session.execute(SELECT, {"id": request.args["id"]}).scalar_one()
         db.session.commit()
         return str(balance)
 
-    try:
-        clients = {
-            name: (a.test_client(), _ids())
-            for name, a in (
-                ("hand", hand_app),
-                ("hand again", hand_app),
-                ("txn", app),
-                ("lean", lean_app),
-                ("fsa", fsa_app),
-            )
-        }
+    return app
 
-        def get(name: str) -> Callable[[], object]:
-            client, path = clients[name]
-            return lambda: client.get(path())
 
+def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
+    """Scenario 1 on the ``accounts`` table (already loaded): a view, then a bare block."""
+    with contextlib.ExitStack() as stack:
+
+        def copies(build: Callable[..., Flask], **config: Any) -> list[Flask]:
+            return [build(url, stack, **config) for _ in range(COPIES)]
+
+        hand, control, txn_apps, fsa = (
+            copies(_hand_written),
+            copies(_hand_written),
+            copies(_flask_txn),
+            copies(_flask_sqlalchemy),
+        )
+        lean = copies(_flask_txn, TXN_ENGINE_OPTIONS={"pool_pre_ping": False})
+
+        def get(apps: list[Flask]) -> list[Callable[[], object]]:
+            return [_requests(app) for app in apps]
+
+        txn_requests = get(txn_apps)
         views = compare(
             {
-                "hand-written `with Session.begin()`": (get("hand"), False),
-                CONTROL: (get("hand again"), False),
-                "flask-txn `@atomic`": (get("txn"), False),
-                "flask-txn `@atomic`, 3 receivers": (get("txn"), True),
-                "Flask-SQLAlchemy `db.session` + `commit()`": (get("fsa"), False),
-                "flask-txn `@atomic`, `pool_pre_ping=False`": (get("lean"), False),
+                "hand-written `with Session.begin()`": (get(hand), False),
+                CONTROL: (get(control), False),
+                "flask-txn `@atomic`": (txn_requests, False),
+                "flask-txn `@atomic`, 3 receivers": (txn_requests, True),
+                "Flask-SQLAlchemy `db.session` + `commit()`": (get(fsa), False),
+                "flask-txn `@atomic`, `pool_pre_ping=False`": (get(lean), False),
             },
             rounds,
             seconds,
@@ -199,30 +227,26 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
         def noop() -> None:
             pass
 
+        engine = sa.create_engine(url, pool_pre_ping=True)
+        stack.callback(engine.dispose)
+        by_hand = sessionmaker(engine, expire_on_commit=False)
+
         def hand_noop() -> None:
-            with hand_session.begin():
+            with by_hand.begin():
                 pass
 
         async_views = _async_views(url, rounds, seconds)
 
-        with app.app_context():
+        with txn_apps[0].app_context():
             blocks = compare(
                 {
-                    "hand-written `with Session.begin()`": (hand_noop, False),
-                    "flask-txn `@atomic`": (noop, False),
-                    "flask-txn `@atomic`, 3 receivers": (noop, True),
+                    "hand-written `with Session.begin()`": ([hand_noop], False),
+                    "flask-txn `@atomic`": ([noop], False),
+                    "flask-txn `@atomic`, 3 receivers": ([noop], True),
                 },
                 rounds,
                 seconds,
             )
-    finally:
-        with app.app_context():
-            txn.engine.dispose()
-        with lean_app.app_context():
-            lean_txn.engine.dispose()
-        with fsa_app.app_context():
-            db.engine.dispose()
-        engine.dispose()
     return [
         Comparison(
             "overhead",
@@ -231,8 +255,9 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
             "requests/s",
             views,
             notes="The hand-written code and Flask-SQLAlchemy use flask-txn's engine option"
-            " `pool_pre_ping=True`; the last row shows what it costs. The second row runs"
-            " the anchor again: its distance from 1 is the noise of this machine.",
+            " `pool_pre_ping=True`; the last row shows what it costs. Each variant is built"
+            f" {COPIES} times and the rounds take the copies in turn. The second row is the"
+            " anchor built again: its distance from 1 is the noise of this machine.",
         ),
         Comparison(
             "async",

@@ -55,7 +55,8 @@ def shuffled(names: Iterable[str], round_: int) -> list[str]:
     """The order of the variants in round ``round_``: a new one each round (seeded,
     so a rerun repeats it), so that no variant always runs first, or right after
     the same other one, and gains or loses from warm or cold caches."""
-    return random.Random(round_).sample(list(names), len(names))
+    order = list(names)
+    return random.Random(round_).sample(order, len(order))
 
 
 def percentile(values: Sequence[float], share: float) -> float:
