@@ -45,7 +45,7 @@ def _settings(mode: Mode) -> str:
         f" {mode.paired_rounds} x {mode.scaling_seconds} s; overhead"
         f" {mode.overhead_rounds} x {mode.overhead_seconds} s\n"
         "- flask-txn side: gunicorn gthread, min(2, clients) workers x `clients` threads,"
-        " each worker's pool `pool_size=clients, max_overflow=0` (the bounded pool: 2 x cores"
+        " each worker's pool `pool_size=clients, max_overflow=0` (the bounded pool: 1 x cores"
         " connections in all); load generator in its own process, one keep-alive HTTP"
         " connection per client\n"
         f"- flask-txn's default backoff: {backoff}; pgbench retries at once\n"

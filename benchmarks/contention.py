@@ -58,7 +58,7 @@ def _path(script: str) -> str:
 
 PGBENCH_SER = f"pgbench `{workload.SERIALIZABLE}.sql`, `--max-tries=10`"
 FLASK_TXN_SER = "flask-txn `@atomic(isolation='SERIALIZABLE', retries=9)`"
-FLASK_TXN_SER_BOUNDED = f"{FLASK_TXN_SER}, pool of 2 x cores"
+FLASK_TXN_SER_BOUNDED = f"{FLASK_TXN_SER}, pool of 1 x cores"
 PGBENCH_COLD = f"pgbench `{workload.READ_COMMITTED}.sql`"
 FLASK_TXN_COLD = "flask-txn `@atomic(isolation='READ COMMITTED')`"
 
@@ -105,7 +105,7 @@ def serializable(setup: Setup) -> Comparison:
         "committed/s",
         runs,
         notes="flask-txn's pool has a connection per client, except in the last row: there"
-        " it has twice as many connections as the database has cores, whatever the"
+        " it has as many connections as the database has cores, whatever the"
         " number of clients, and the other requests wait for one.",
     )
 

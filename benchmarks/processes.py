@@ -48,9 +48,10 @@ def workers_for(clients: int) -> int:
 
 
 def bounded_pool_for(clients: int) -> int:
-    """Connections per worker of the bounded pool: twice the database's cores in all
-    (the server runs on this machine), however many clients there are."""
-    return max(1, 2 * (os.cpu_count() or 1) // workers_for(clients))
+    """Connections per worker of the bounded pool: as many in all as the database has
+    cores (the server runs on this machine), however many clients there are. On
+    the hot spot, twice as many kept less goodput at 32 clients (docs/performance.md)."""
+    return max(1, (os.cpu_count() or 1) // workers_for(clients))
 
 
 @contextlib.contextmanager

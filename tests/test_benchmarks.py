@@ -127,7 +127,7 @@ def test_smoke_run_writes_every_scenario(tmp_path: Path) -> None:
     assert report.count("| variant |") == len(tables)
     assert report.count("| clients | rounds |") == 5
     assert "| hand-written again (the noise floor) |" in report
-    assert "pool of 2 x cores |" in report
+    assert "pool of 1 x cores |" in report
     for plot in ("goodput.png", "scaling.png", "backoff.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "results.json").read_text())["facts"]["mode"] == "smoke"
