@@ -77,10 +77,14 @@ def compare(variants: dict[str, Variant], rounds: int, seconds: float) -> dict[s
     """Interleave the variants ``rounds`` times (A B C, C A B, ...: a new order each
     round), each round on the next copy of each variant."""
     runs: dict[str, list[Run]] = {name: [] for name in variants}
-    for funcs, signals in variants.values():
-        with receivers(signals):
-            for func in funcs:
-                rate(func, seconds / 2)  # warm pools, caches and code paths
+    # Warm pools, caches and code paths, one copy of each variant at a time and
+    # in a new order for each copy: a pool connects when it is first used, and
+    # no variant should always get the first connections to the database.
+    for copy in range(max(len(funcs) for funcs, _ in variants.values())):
+        for name in shuffled(variants, -1 - copy):
+            funcs, signals = variants[name]
+            with receivers(signals):
+                rate(funcs[copy % len(funcs)], seconds / 2)
     for round_ in range(rounds):
         for name in shuffled(variants, round_):
             funcs, signals = variants[name]
@@ -194,17 +198,19 @@ def _flask_sqlalchemy(url: str, stack: contextlib.ExitStack) -> Flask:
 def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
     """Scenario 1 on the ``accounts`` table (already loaded): a view, then a bare block."""
     with contextlib.ExitStack() as stack:
-
-        def copies(build: Callable[..., Flask], **config: Any) -> list[Flask]:
-            return [build(url, stack, **config) for _ in range(COPIES)]
-
-        hand, control, txn_apps, fsa = (
-            copies(_hand_written),
-            copies(_hand_written),
-            copies(_flask_txn),
-            copies(_flask_sqlalchemy),
-        )
-        lean = copies(_flask_txn, TXN_ENGINE_OPTIONS={"pool_pre_ping": False})
+        builders: dict[str, Callable[[], Flask]] = {
+            "hand": lambda: _hand_written(url, stack),
+            "control": lambda: _hand_written(url, stack),
+            "txn": lambda: _flask_txn(url, stack),
+            "fsa": lambda: _flask_sqlalchemy(url, stack),
+            "lean": lambda: _flask_txn(url, stack, TXN_ENGINE_OPTIONS={"pool_pre_ping": False}),
+        }
+        apps: dict[str, list[Flask]] = {name: [] for name in builders}
+        for copy in range(COPIES):
+            # Each copy in a new order, so that no variant is always built first.
+            for name in shuffled(builders, -1 - copy):
+                apps[name].append(builders[name]())
+        hand, control, txn_apps, fsa, lean = apps.values()
 
         def get(apps: list[Flask]) -> list[Callable[[], object]]:
             return [_requests(app) for app in apps]
