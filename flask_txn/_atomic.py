@@ -49,7 +49,7 @@ from ._errors import (
 )
 from ._retry import AMBIGUOUS_SQLSTATE, backoff, is_disconnect, is_retryable, sqlstate_of
 from ._session import SQLITE_BEGIN, current_app_object, has_pending_writes
-from ._timeouts import check_seconds
+from ._timeouts import check_seconds, milliseconds
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -759,8 +759,7 @@ def _apply_options(session: Session, options: _Options) -> None:
     ):
         if seconds is not None:
             # A validated integer literal: SET takes no bound parameters.
-            milliseconds = max(1, round(seconds * 1000))
-            session.execute(text(f"SET LOCAL {setting} = {int(milliseconds)}"))
+            session.execute(text(f"SET LOCAL {setting} = {milliseconds(seconds)}"))
 
 
 def _end(txn: _Transaction) -> None:

@@ -96,6 +96,12 @@ def check_seconds(
     return seconds
 
 
+def milliseconds(seconds: float) -> int:
+    """A validated duration as the whole milliseconds PostgreSQL's settings take, at
+    least 1 (0 would mean no limit)."""
+    return max(1, round(seconds * 1000))
+
+
 def read_timeouts(config: Mapping[str, Any], url: URL, deadline: float | None) -> Timeouts:
     """Validate the timeout keys and derive the unset ones from ``TXN_RETRY_DEADLINE``.
 
@@ -231,9 +237,8 @@ def connect_options(url: URL, timeouts: Timeouts, options: Mapping[str, Any]) ->
         if timeouts.connect is not None:
             given.setdefault("timeout", timeouts.connect)
         if timeouts.statement is not None:
-            milliseconds = max(1, round(timeouts.statement * 1000))
             given["server_settings"] = {
-                "statement_timeout": str(milliseconds),
+                "statement_timeout": str(milliseconds(timeouts.statement)),
                 **given.get("server_settings", {}),
             }
     else:
@@ -255,12 +260,11 @@ def _libpq_parameters(timeouts: Timeouts) -> dict[str, Any]:
             keepalives_idle=max(1, math.floor(timeouts.tcp / 2)),
             keepalives_interval=max(1, math.floor(timeouts.tcp / (2 * _KEEPALIVE_COUNT))),
             keepalives_count=_KEEPALIVE_COUNT,
-            tcp_user_timeout=max(1, round(timeouts.tcp * 1000)),
+            tcp_user_timeout=milliseconds(timeouts.tcp),
         )
     if timeouts.statement is not None:
         # A validated number, so the string is never user text.
-        milliseconds = max(1, round(timeouts.statement * 1000))
-        parameters["options"] = f"-c statement_timeout={int(milliseconds)}"
+        parameters["options"] = f"-c statement_timeout={milliseconds(timeouts.statement)}"
     return parameters
 
 
