@@ -63,12 +63,27 @@ PGBENCH_COLD = f"pgbench `{workload.READ_COMMITTED}.sql`"
 FLASK_TXN_COLD = "flask-txn `@atomic(isolation='READ COMMITTED')`"
 
 
-def cold(setup: Setup, *, without_pre_ping: bool = False) -> Comparison:
-    """Scenario 2: 1000 accounts, READ COMMITTED, hardly any conflict."""
-    variants = {
+def _cold_variants(setup: Setup) -> dict[str, RunOnce]:
+    """pgbench and flask-txn on the cold transfers (scenarios 2 and 5b)."""
+    return {
         PGBENCH_COLD: setup.pgbench(workload.READ_COMMITTED, workload.COLD),
         FLASK_TXN_COLD: setup.flask_txn(_path(workload.READ_COMMITTED), workload.COLD),
     }
+
+
+def _hot_variants(setup: Setup) -> dict[str, RunOnce]:
+    """pgbench and flask-txn, with either pool, on the hot transfers (scenarios 3 and 5b)."""
+    serializable = _path(workload.SERIALIZABLE)
+    return {
+        PGBENCH_SER: setup.pgbench(workload.SERIALIZABLE, workload.HOT),
+        FLASK_TXN_SER: setup.flask_txn(serializable, workload.HOT),
+        FLASK_TXN_SER_BOUNDED: setup.flask_txn(BOUNDED_POOL + serializable, workload.HOT),
+    }
+
+
+def cold(setup: Setup, *, without_pre_ping: bool = False) -> Comparison:
+    """Scenario 2: 1000 accounts, READ COMMITTED, hardly any conflict."""
+    variants = _cold_variants(setup)
     if without_pre_ping:
         variants[f"{FLASK_TXN_COLD}, `pool_pre_ping=False`"] = setup.flask_txn(
             NO_PRE_PING + _path(workload.READ_COMMITTED), workload.COLD
@@ -88,16 +103,7 @@ def cold(setup: Setup, *, without_pre_ping: bool = False) -> Comparison:
 
 def serializable(setup: Setup) -> Comparison:
     """Scenario 3: 10 hot accounts, SERIALIZABLE, the same budget of 10 attempts."""
-    runs = setup.interleave(
-        workload.HOT,
-        {
-            PGBENCH_SER: setup.pgbench(workload.SERIALIZABLE, workload.HOT),
-            FLASK_TXN_SER: setup.flask_txn(_path(workload.SERIALIZABLE), workload.HOT),
-            FLASK_TXN_SER_BOUNDED: setup.flask_txn(
-                BOUNDED_POOL + _path(workload.SERIALIZABLE), workload.HOT
-            ),
-        },
-    )
+    runs = setup.interleave(workload.HOT, _hot_variants(setup))
     return Comparison(
         "serializable",
         "3. Hot SERIALIZABLE transfers: 10 accounts, 10 attempts at most",
@@ -121,21 +127,9 @@ def paired_scaling(setup: Setup, fewer: int) -> list[Comparison]:
     more clients, the baseline for the hot ones. The server is sized for the larger
     count; with fewer clients, a pool with a connection per client leaves some unused.
     """
-    serializable, cold = _path(workload.SERIALIZABLE), _path(workload.READ_COMMITTED)
-    hot: dict[str, Callable[[Setup], RunOnce]] = {
-        PGBENCH_SER: lambda side: side.pgbench(workload.SERIALIZABLE, workload.HOT),
-        FLASK_TXN_SER: lambda side: side.flask_txn(serializable, workload.HOT),
-        FLASK_TXN_SER_BOUNDED: lambda side: side.flask_txn(
-            BOUNDED_POOL + serializable, workload.HOT
-        ),
-    }
-    uncontended: dict[str, Callable[[Setup], RunOnce]] = {
-        PGBENCH_COLD: lambda side: side.pgbench(workload.READ_COMMITTED, workload.COLD),
-        FLASK_TXN_COLD: lambda side: side.flask_txn(cold, workload.COLD),
-    }
     return [
-        *_paired(setup, fewer, workload.HOT, "hot SERIALIZABLE", hot),
-        *_paired(setup, fewer, workload.COLD, "cold READ COMMITTED", uncontended),
+        *_paired(setup, fewer, workload.HOT, "hot SERIALIZABLE", _hot_variants),
+        *_paired(setup, fewer, workload.COLD, "cold READ COMMITTED", _cold_variants),
     ]
 
 
@@ -144,15 +138,17 @@ def _paired(
     fewer: int,
     naccts: int,
     what: str,
-    variants: dict[str, Callable[[Setup], RunOnce]],
+    variants_of: Callable[[Setup], dict[str, RunOnce]],
 ) -> list[Comparison]:
     sides = (dataclasses.replace(setup, clients=fewer), setup)
+    per_side = [variants_of(side) for side in sides]
+    variants = list(per_side[-1])
     runs = setup.interleave(
         naccts,
         {
-            f"{name} at {side.clients}": make(side)
-            for name, make in variants.items()
-            for side in sides
+            f"{name} at {side.clients}": runs_of[name]
+            for name in variants
+            for side, runs_of in zip(sides, per_side, strict=True)
         },
     )
     return [
