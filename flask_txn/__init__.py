@@ -1,6 +1,6 @@
 """flask-txn: correct-by-default database transactions for Flask."""
 
-from ._atomic import Atomic, atomic, on_commit
+from ._atomic import Atomic, atomic
 from ._errorhandlers import register_error_handlers
 from ._errors import (
     AmbiguousCommitError,
@@ -20,6 +20,7 @@ from ._locking import (
     try_advisory_lock,
 )
 from ._retry import is_retryable, sqlstate_of
+from ._savepoint import on_commit
 from ._signals import transaction_committed, transaction_retrying, transaction_rolled_back
 
 __version__ = "0.1.0.dev0"

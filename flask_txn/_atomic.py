@@ -1,216 +1,50 @@
 """``atomic``: one transaction per call or block, savepoints when nested, retries when outermost.
 
-The state of an open outermost block lives in ``session.info`` (so nesting is
-found from the session, whichever ``Atomic`` object is used) and, for the
-engine's ``handle_error`` event, in a context variable.
+A decorated function runs each attempt of the retry loop (:class:`~._retry.Retrying`)
+as ``with attempt:``; a ``with atomic():`` block is one attempt that is never
+re-run. Coroutines and ``async with`` take the same path with ``async``
+forms: :class:`~._transaction.Attempt` and :class:`~._savepoint.Savepoint`
+run their steps through ``AsyncSession.run_sync``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
-import enum
 import functools
 import inspect
-import io
-import itertools
-import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
-from flask import current_app, has_request_context, request
-from sqlalchemy import Connection, text
-from sqlalchemy.engine import Engine, ExceptionContext
-from sqlalchemy.exc import DBAPIError, ResourceClosedError
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
-from werkzeug.wrappers import Response
 
-from . import _signals
 from ._config import (
-    RetryPolicy,
-    Settings,
-    StatusVeto,
-    check_dialect_isolation,
+    RetryOn,
+    check_flag,
     check_isolation,
     check_retries,
+    check_retry_on,
     check_wait_order,
 )
-from ._errors import (
-    AmbiguousCommitError,
-    ConfigError,
-    NestingError,
-    PendingWritesError,
-    TransactionAbortedError,
-    UsageError,
-)
-from ._retry import AMBIGUOUS_SQLSTATE, backoff, is_disconnect, is_retryable, sqlstate_of
-from ._session import SQLITE_BEGIN, current_app_object, has_pending_writes
-from ._timeouts import check_seconds, milliseconds
+from ._errors import ConfigError, UsageError
+from ._options import RETRY_ARGUMENTS, Options, check_nested, resolve
+from ._retry import Retrying
+from ._savepoint import Savepoint
+from ._session import AsyncDatabase
+from ._state import AppState, app_state, async_database_of
+from ._timeouts import check_seconds
+from ._transaction import Attempt, current, current_on, prepare
+from ._view import keep_request_body, rewind_request_body, vetoed
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from ._extension import FlaskTxn, _State
-
 P = ParamSpec("P")
 R = TypeVar("R")
 
-log = logging.getLogger("flask_txn")
-
-_TXN = "flask_txn.transaction"
 _UNSET: Any = object()
-#: libpq's PQTRANS_INERROR, reported by psycopg2 and psycopg 3 alike.
-_TRANSACTION_IN_ERROR = 3
-#: SQLSTATE of a statement sent in a transaction that an earlier error aborted.
-_IN_FAILED_TRANSACTION = "25P02"
-_POSTGRESQL_ONLY = ("readonly", "deferrable", "statement_timeout", "lock_timeout")
-
-#: Options that shape the retry loop: only an outermost decorated function has one.
-_RETRY_OPTIONS = frozenset({"retries", "wait_initial", "wait_max", "deadline", "retry_on"})
-
-RetryOn = Callable[[BaseException], bool] | type[BaseException] | tuple[type[BaseException], ...]
-
-_current: contextvars.ContextVar[_Transaction | None] = contextvars.ContextVar(
-    "flask_txn_transaction", default=None
-)
-
-
-class _Transaction:
-    """One attempt of an outermost block: its savepoints, callbacks and recorded errors."""
-
-    __slots__ = (
-        "attempt",
-        "callbacks",
-        "committing",
-        "doomed",
-        "engine",
-        "exposed",
-        "frames",
-        "isolation",
-        "last_error",
-        "options",
-        "root",
-        "savepoint_ids",
-        "session",
-        "started",
-    )
-
-    def __init__(
-        self,
-        session: Session,
-        engine: Engine,
-        options: _Options,
-        attempt: int,
-        started: float,
-        exposed: Any = None,
-    ) -> None:
-        self.session = session
-        #: the session user code sees (and signals carry): an AsyncSession in
-        #: async blocks, whose sync ``session`` does the work.
-        self.exposed: Any = session if exposed is None else exposed
-        self.engine = engine
-        self.options = options
-        self.isolation = options.isolation
-        self.attempt = attempt
-        self.started = started
-        #: (savepoint ids active at registration, callback, robust)
-        self.callbacks: list[tuple[tuple[int, ...], Callable[[], object], bool]] = []
-        #: open ``with`` blocks, innermost last: a savepoint, or for an outermost
-        #: block the context-variable token to restore when it ends.
-        self.frames: list[Any] = []
-        self.savepoint_ids: list[int] = []
-        #: the first retriable error seen, even if user code caught it.
-        self.doomed: BaseException | None = None
-        self.last_error: BaseException | None = None
-        #: the session's transaction this block began, and whether the block
-        #: itself is committing it (any other commit is user code's mistake).
-        self.root: Any = None
-        self.committing = False
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Options:
-    """An outermost block's options after config defaults were applied."""
-
-    isolation: str | None
-    readonly: bool
-    deferrable: bool
-    statement_timeout: float | None
-    lock_timeout: float | None
-    policy: RetryPolicy
-    veto: StatusVeto
-    sqlite_begin: str | None
-    #: ``TXN_CONNECT_TIMEOUT``: how long a block keeps retrying connections that
-    #: could not be made.
-    connect_timeout: float | None
-    #: nothing to apply as the transaction begins: no isolation level, BEGIN
-    #: mode or read-only flag, no ``SET LOCAL`` (the default; checked per block).
-    plain: bool = dataclasses.field(init=False)
-
-    def __post_init__(self) -> None:
-        plain = (
-            self.isolation is None
-            and self.sqlite_begin is None
-            and not self.readonly  # deferrable needs readonly
-            and self.statement_timeout is None
-            and self.lock_timeout is None
-        )
-        object.__setattr__(self, "plain", plain)
-
-
-_savepoint_ids = itertools.count(1)
-
-
-class Outcome(enum.Enum):
-    """How an attempt of an outermost function ended, when it did not raise."""
-
-    COMMITTED = "committed"
-    VETOED = "vetoed"
-    RETRY = "retry"
-
-
-#: ``session.info`` key that flask_txn.testing sets on sessions joined to a test's
-#: outer transaction: there, commits are savepoint releases and per-transaction
-#: settings (isolation, read-only, timeouts) cannot be applied.
-JOINED = "flask_txn.joined"
-
-#: Test hooks (flask_txn.testing): each injector may raise a database error just
-#: before the outermost flush; each capture receives the callbacks of a commit
-#: and returns whether they should still run.
-fault_injectors: list[Callable[[Session], None]] = []
-callback_captures: list[Callable[[list[Callable[[], object]]], bool]] = []
-
-
-def record_error(context: ExceptionContext) -> None:
-    """``handle_error`` listener: remember database errors of the open attempt.
-
-    User code may catch a serialization failure and carry on; PostgreSQL would
-    then turn COMMIT into a silent ROLLBACK. Recording here lets the block see it.
-    A connection that could not be made (refused, the server starting up or
-    shutting down) dooms the attempt too: nothing was sent, so running it again
-    is safe, and the server may be back by then.
-    """
-    txn = _current.get()
-    if txn is None or context.engine is not txn.engine or context.is_pre_ping:
-        return
-    error = context.sqlalchemy_exception or context.original_exception
-    txn.last_error = error
-    reconnect = context.connection is None and _may_reconnect(txn)
-    if txn.doomed is None and (context.is_disconnect or reconnect or is_retryable(error)):
-        txn.doomed = error
-
-
-def _may_reconnect(txn: _Transaction) -> bool:
-    """Whether a connection that could not be made is worth another attempt: only
-    while the block has run for less than the connect timeout in all. A connect
-    that ran out of it (a host that does not answer) would make each retry wait
-    as long again."""
-    limit = txn.options.connect_timeout
-    return limit is None or time.perf_counter() - txn.started < limit
 
 
 class Atomic:
@@ -222,11 +56,11 @@ class Atomic:
 
     __slots__ = (
         "_cached",
-        "_explicit",
         "_extension",
         "deadline",
         "deferrable",
         "durable",
+        "explicit",
         "isolation",
         "lock_timeout",
         "readonly",
@@ -251,7 +85,7 @@ class Atomic:
         statement_timeout: float | None = None,
         lock_timeout: float | None = None,
         durable: bool = False,
-        _extension: FlaskTxn | None = None,
+        _extension: Any = None,
     ) -> None:
         given = {
             "isolation": isolation,
@@ -263,17 +97,16 @@ class Atomic:
             "readonly": readonly,
             "deferrable": deferrable,
         }
-        self._explicit = frozenset(name for name, value in given.items() if value is not _UNSET)
+        #: the names of the arguments given, which override the app's config.
+        self.explicit = frozenset(name for name, value in given.items() if value is not _UNSET)
         self._extension = _extension
-        self._cached: tuple[Any, Any, bool, _Options] | None = None
+        self._cached: tuple[Any, Any, bool, Options] | None = None
         self.isolation = (
             check_isolation("isolation", isolation) if isolation is not _UNSET else None
         )
         self.retries = check_retries("retries", retries) if retries is not _UNSET else None
-        self.wait_initial = (
-            check_seconds("wait_initial", wait_initial) if wait_initial is not _UNSET else None
-        )
-        self.wait_max = check_seconds("wait_max", wait_max) if wait_max is not _UNSET else None
+        self.wait_initial = _seconds("wait_initial", wait_initial)
+        self.wait_max = _seconds("wait_max", wait_max)
         if self.wait_initial is not None and self.wait_max is not None:
             check_wait_order("wait_max", self.wait_initial, self.wait_max)
         self.deadline = (
@@ -281,12 +114,12 @@ class Atomic:
             if deadline is not _UNSET
             else None
         )
-        self.retry_on = _check_retry_on(retry_on)
-        self.readonly = _check_flag("readonly", readonly) if readonly is not _UNSET else False
+        self.retry_on = check_retry_on(retry_on)
+        self.readonly = check_flag("readonly", readonly) if readonly is not _UNSET else False
         self.deferrable = (
-            _check_flag("deferrable", deferrable) if deferrable is not _UNSET else False
+            check_flag("deferrable", deferrable) if deferrable is not _UNSET else False
         )
-        self.durable = _check_flag("durable", durable)
+        self.durable = check_flag("durable", durable)
         self.statement_timeout = check_seconds(
             "statement_timeout", statement_timeout, optional=True, zero=False
         )
@@ -296,13 +129,13 @@ class Atomic:
                 "'deferrable=True' needs 'readonly=True' (and isolation 'SERIALIZABLE'):"
                 " PostgreSQL only defers read-only serializable transactions."
             )
-        if self.deferrable and "isolation" in self._explicit and self.isolation != "SERIALIZABLE":
+        if self.deferrable and "isolation" in self.explicit and self.isolation != "SERIALIZABLE":
             raise ConfigError(
                 f"'deferrable=True' needs isolation 'SERIALIZABLE', got {self.isolation!r}."
             )
 
     def __repr__(self) -> str:
-        options = ", ".join(f"{name}={getattr(self, name)!r}" for name in sorted(self._explicit))
+        options = ", ".join(f"{name}={getattr(self, name)!r}" for name in sorted(self.explicit))
         return f"<atomic({options})>"
 
     # -- decorator -----------------------------------------------------------
@@ -311,161 +144,80 @@ class Atomic:
         """Run ``func`` in a transaction, re-running it on retriable errors when outermost."""
         _refuse_unsupported(func)
         if inspect.iscoroutinefunction(func):
-            from . import _async
-
-            return _async.decorate(self, func)  # type: ignore[return-value]
+            return self._decorate_coroutine(func)  # type: ignore[return-value]
 
         @functools.wraps(func)
         def atomic_call(*args: P.args, **kwargs: P.kwargs) -> R:
-            state, session, txn = self._open()
-            if txn is not None:
+            state, session, outer = self._open()
+            if outer is not None:
                 # Inside another block: a savepoint, and the outermost block
                 # alone decides about retries.
-                self._check_nested(txn)
-                with _Savepoint(txn):
+                with Savepoint(outer):
                     return func(*args, **kwargs)
-            return self._run(state, session, atomic_call, func, args, kwargs)
+            options = self._options(state, state.engine, retrying=True)
+            prepare(session)
+            attempts = _retrying(
+                options,
+                state,
+                lambda number, started: Attempt(
+                    session,
+                    state.engine,
+                    options,
+                    number=number,
+                    started=started,
+                    registry=state.registry,
+                ),
+            )
+            for attempt in attempts:
+                with attempt:
+                    attempt.begin()
+                    rv = func(*args, **kwargs)
+                    attempt.vetoed = vetoed(rv, options.veto, atomic_call)
+            return rv
 
         return atomic_call
 
-    def _run(
-        self,
-        state: _State,
-        session: Session,
-        wrapper: Callable[..., R],
-        func: Callable[..., R],
-        args: Any,
-        kwargs: Any,
-    ) -> R:
-        options = self._options(state, state.engine, retrying=True)
-        policy = options.policy
-        _prepare(session)
-        started = time.perf_counter()
-        body = keep_request_body(policy)
-        for attempt in itertools.count(1):  # pragma: no branch - left by return or raise
-            rewind_request_body(body)
-            txn = _Transaction(session, state.engine, options, attempt, started)
-            token = _current.set(txn)
-            try:
-                error: BaseException | None = None
-                rv: Any = None
-                try:
-                    _begin(txn)
-                    rv = func(*args, **kwargs)
-                except BaseException as exc:
-                    error = exc
-                outcome, failure, delay = self._conclude(txn, error, rv, wrapper, state)
-            finally:
-                _current.reset(token)
-            if outcome is Outcome.RETRY:
-                _retrying(txn, failure, delay, final=attempt + 1 > policy.retries)
-                state.settings.sleep(delay)
-                continue
-            if outcome is Outcome.COMMITTED:
-                _committed(txn)
-            return rv  # type: ignore[no-any-return]
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _conclude(
-        self,
-        txn: _Transaction,
-        error: BaseException | None,
-        rv: Any,
-        wrapper: Callable[..., Any],
-        state: _State,
-    ) -> tuple[Outcome, Any, float]:
-        """End an attempt of the outermost function: commit, veto, or roll back.
-
-        Returns the outcome with, for ``RETRY``, the failure and the seconds to
-        wait; raises the failure when it is not to be re-run.
-        """
-        options = txn.options
-        policy = options.policy
-        if error is None and txn.doomed is None:
-            if _vetoed(rv, options.veto, wrapper):
-                _rollback(txn, reason="veto", error=None)
-                return Outcome.VETOED, None, 0.0
-            error = _commit(txn)
-            if error is None:
-                return Outcome.COMMITTED, None, 0.0
-        failure = error if error is not None else txn.doomed
-        assert failure is not None
-        retriable = isinstance(failure, Exception) and (
-            txn.doomed is not None or self._retriable(failure)
-        )
-        delay = backoff(policy, txn.attempt, state.settings.random) if retriable else 0.0
-        give_up = (
-            not retriable
-            or txn.attempt > policy.retries
-            or (
-                policy.deadline is not None
-                and time.perf_counter() - txn.started + delay > policy.deadline
+    def _decorate_coroutine(self, func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(func)
+        async def atomic_call(*args: P.args, **kwargs: P.kwargs) -> R:
+            state, outer = self._open_async()
+            if outer is not None:
+                async with Savepoint(outer):
+                    return await func(*args, **kwargs)
+            database = await async_database_of(state)
+            options = self._options(state, database.sync_engine, retrying=True)
+            attempts = _retrying(
+                options,
+                state,
+                lambda number, started: _async_attempt(database, options, number, started),
             )
-        )
-        if give_up:
-            _rollback(txn, reason="error", error=failure, exhausted=retriable)
-            if retriable:
-                _note_attempts(failure, txn.attempt)
-            raise failure
-        _rollback(txn, reason="retry", error=failure)
-        return Outcome.RETRY, failure, delay
+            async for attempt in attempts:
+                async with attempt:
+                    await attempt.run_sync(attempt.begin)
+                    rv = await func(*args, **kwargs)
+                    attempt.vetoed = vetoed(rv, options.veto, atomic_call)
+            return rv
 
-    def _retriable(self, error: Exception) -> bool:
-        if is_retryable(error):
-            return True
-        retry_on = self.retry_on
-        if retry_on is None:
-            return False
-        if isinstance(retry_on, type | tuple):
-            return isinstance(error, retry_on)
-        return bool(retry_on(error))
+        return atomic_call
 
     # -- with block ----------------------------------------------------------
 
-    def _refuse_retry_options(self) -> None:
-        for name in sorted(self._explicit & _RETRY_OPTIONS):
-            raise ConfigError(
-                f"{name!r} cannot be used with a 'with atomic(...)' block (got"
-                f" {name}={getattr(self, name)!r}): a block cannot be re-run. Decorate a"
-                f" function with '@atomic({name}=...)' instead."
-            )
-
-    async def __aenter__(self) -> AsyncSession:
-        from . import _async
-
-        self._refuse_retry_options()
-        return await _async.enter_block(self)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Literal[False]:
-        from . import _async
-
-        return await _async.exit_block(exc_type, exc, tb)
-
     def __enter__(self) -> Session:
         self._refuse_retry_options()
-        state, session, txn = self._open()
-        if txn is not None:
-            self._check_nested(txn)
-            _Savepoint(txn).__enter__()
+        state, session, outer = self._open()
+        if outer is not None:
+            Savepoint(outer).__enter__()
             return session
         options = self._options(state, state.engine, retrying=False)
-        _prepare(session)
-        txn = _Transaction(session, state.engine, options, 1, time.perf_counter())
-        token = _current.set(txn)
+        prepare(session)
+        attempt = Attempt(session, state.engine, options, registry=state.registry)
+        attempt.__enter__()
         try:
-            _begin(txn)
+            attempt.begin()
         except BaseException as exc:
-            try:
-                _rollback(txn, reason="error", error=exc)
-            finally:
-                _current.reset(token)
+            # The block never ran: end the attempt (roll back, report) before raising.
+            attempt.__exit__(type(exc), exc, exc.__traceback__)
             raise
-        txn.frames.append(token)
         return session
 
     def __exit__(
@@ -474,59 +226,70 @@ class Atomic:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Literal[False]:
-        # The innermost open block of this context, found the way it was
-        # entered, so that no path out of here leaves it set.
-        txn = _current.get()
-        assert txn is not None, "__exit__ without __enter__"
-        frame = txn.frames[-1]
-        if isinstance(frame, _Savepoint):
-            frame.__exit__(exc_type, exc, tb)  # pops its own frame
-            return False
-        txn.frames.pop()
+        attempt = current()
+        assert attempt is not None, "__exit__ without __enter__"
+        # The innermost open block of this context: a nested one is a savepoint.
+        if attempt.savepoints:
+            attempt.savepoints[-1].__exit__(exc_type, exc, tb)
+        else:
+            attempt.__exit__(exc_type, exc, tb)
+        return False
+
+    async def __aenter__(self) -> AsyncSession:
+        self._refuse_retry_options()
+        state, outer = self._open_async()
+        if outer is not None:
+            await Savepoint(outer).__aenter__()
+            return outer.user_session  # type: ignore[return-value]
+        database = await async_database_of(state)
+        options = self._options(state, database.sync_engine, retrying=False)
+        attempt = _async_attempt(database, options)
+        await attempt.__aenter__()
         try:
-            if self._state().registry() is not txn.session:
-                _end(txn)
-                txn.session.rollback()
-                raise UsageError(
-                    "The session was removed inside a 'with atomic()' block, so the"
-                    " transaction was lost. Do not call 'session.remove()' inside a block."
-                )
-            failure = _finish_block(txn, exc)
-        finally:
-            _current.reset(frame)
-        _after_block(txn, failure, exc)
+            await attempt.run_sync(attempt.begin)
+        except BaseException as exc:
+            # The block never ran: end the attempt (roll back, report) before raising.
+            await attempt.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return attempt.user_session  # type: ignore[return-value]
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        attempt = current()
+        assert attempt is not None, "__aexit__ without __aenter__"
+        if attempt.savepoints:
+            await attempt.savepoints[-1].__aexit__(exc_type, exc, tb)
+        else:
+            await attempt.__aexit__(exc_type, exc, tb)
         return False
 
     # -- shared --------------------------------------------------------------
 
-    def _open(self) -> tuple[_State, Session, _Transaction | None]:
-        """The app's state, its current session, and the block already open on it."""
-        state = self._state()
-        refuse_mixing(async_block=False)
+    def _open(self) -> tuple[AppState, Session, Attempt | None]:
+        """The app's state, its current session, and the sync block this one nests in."""
+        state = app_state(self._extension, user="'atomic' was used")
+        _refuse_mixing(current(), async_block=False)
         session = state.registry()
-        return state, session, session.info.get(_TXN)
+        # A block of another app, or of another app context, is not enclosing.
+        outer = current_on(session)
+        if outer is not None:
+            check_nested(self, outer.options)
+        return state, session, outer
 
-    def _state(self) -> _State:
-        if self._extension is not None:
-            return self._extension._get_state()
-        try:
-            app = current_app_object()
-        except RuntimeError:
-            raise UsageError(
-                "'atomic' was used outside of an application context: it needs one to"
-                " find the app's database. Use it in a request, a CLI command, or"
-                " 'with app.app_context():'."
-            ) from None
-        extension = app.extensions.get("flask-txn")
-        if extension is None:
-            raise UsageError(
-                f"No flask-txn extension is registered on the current app"
-                f" {app.name!r}. Did you forget to call 'FlaskTxn(app)' or"
-                " 'txn.init_app(app)'?"
-            )
-        return extension._get_state(app)  # type: ignore[no-any-return]
+    def _open_async(self) -> tuple[AppState, Attempt | None]:
+        """The app's state, and the async block this one nests in."""
+        state = app_state(self._extension, user="'atomic' was used")
+        outer = current()
+        _refuse_mixing(outer, async_block=True)
+        if outer is not None:
+            check_nested(self, outer.options)
+        return state, outer
 
-    def _options(self, state: _State, engine: Engine, *, retrying: bool) -> _Options:
+    def _options(self, state: AppState, engine: Engine, *, retrying: bool) -> Options:
         """The block's options with the app's config applied, checked against ``engine``.
 
         Cached for the last app and engine: the settings are frozen and the
@@ -540,96 +303,50 @@ class Atomic:
             and cached[2] is retrying
         ):
             return cached[3]
-        options = self._resolve(state.settings, engine, retrying=retrying)
-        _check_dialect(engine, options)
+        options = resolve(self, state.settings, engine, retrying=retrying)
         self._cached = (weakref.ref(state), weakref.ref(engine), retrying, options)
         return options
 
-    def _resolve(self, settings: Settings, engine: Engine, *, retrying: bool) -> _Options:
-        default = settings.retry
-        if retrying:
-            policy = RetryPolicy(
-                retries=default.retries if self.retries is None else self.retries,
-                wait_initial=default.wait_initial
-                if self.wait_initial is None
-                else self.wait_initial,
-                wait_max=default.wait_max if self.wait_max is None else self.wait_max,
-                deadline=self.deadline if "deadline" in self._explicit else default.deadline,
-            )
-            if self.wait_initial is None or self.wait_max is None:
-                check_wait_order("wait_max", policy.wait_initial, policy.wait_max)
-        else:
-            # A block cannot be re-run: the configured retries never apply to it.
-            policy = RetryPolicy(0, 0.0, 0.0, None)
-        isolation = self.isolation if "isolation" in self._explicit else settings.isolation
-        if self.deferrable and isolation != "SERIALIZABLE":
+    def _refuse_retry_options(self) -> None:
+        for name in sorted(self.explicit & RETRY_ARGUMENTS):
             raise ConfigError(
-                f"'deferrable=True' needs isolation 'SERIALIZABLE', but the level in force"
-                f" is {isolation!r}. Pass isolation='SERIALIZABLE'."
+                f"{name!r} cannot be used with a 'with atomic(...)' block (got"
+                f" {name}={getattr(self, name)!r}): a block cannot be re-run. Decorate a"
+                f" function with '@atomic({name}=...)' instead."
             )
-        return _Options(
-            isolation=isolation,
-            readonly=self.readonly,
-            deferrable=self.deferrable,
-            statement_timeout=self.statement_timeout,
-            lock_timeout=self.lock_timeout,
-            policy=policy,
-            veto=settings.rollback_on_status,
-            sqlite_begin=settings.sqlite_begin if engine.dialect.name == "sqlite" else None,
-            connect_timeout=settings.timeouts.connect,
-        )
-
-    def _check_nested(self, txn: _Transaction) -> None:
-        """Refuse options that only the outermost block can honour."""
-        outer = txn.options
-        outermost_only = sorted(self._explicit & _RETRY_OPTIONS) + [
-            name
-            for name in ("durable", "statement_timeout", "lock_timeout")
-            if getattr(self, name) not in (False, None)
-        ]
-        for name in outermost_only:
-            raise NestingError(
-                f"{name}={getattr(self, name)!r} cannot be used on a nested atomic block: it"
-                " only applies to the outermost block. Move it to the outermost"
-                f" 'atomic', or remove it here.{_durable_hint(name)}"
-            )
-        for name, value, outer_value in (
-            ("isolation", self.isolation, outer.isolation),
-            ("readonly", self.readonly, outer.readonly),
-            ("deferrable", self.deferrable, outer.deferrable),
-        ):
-            if name in self._explicit and value != outer_value:
-                raise NestingError(
-                    f"{name}={value!r} differs from the enclosing atomic block's"
-                    f" {name}={outer_value!r}; a savepoint cannot change it. Set it on"
-                    " the outermost block, or remove it here."
-                )
 
 
-def _durable_hint(name: str) -> str:
-    if name != "durable":
-        return ""
-    return (
-        " ('durable=True' promises that the block commits on its own, but it was"
-        " entered inside another block.)"
-    )
+def _seconds(name: str, value: object) -> float | None:
+    return None if value is _UNSET else check_seconds(name, value)
 
 
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name!r} must be True or False, got {value!r}.")
-    return value
+def _retrying(
+    options: Options, state: AppState, make: Callable[[int, float], Attempt]
+) -> Retrying[Attempt]:
+    """The retry loop of one call of a decorated function: each attempt made by
+    ``make(number, started)`` reads the request body from its start."""
+    body = keep_request_body(options.policy)
+    started = time.perf_counter()
+
+    def start(number: int) -> Attempt:
+        rewind_request_body(body)
+        return make(number, started)
+
+    return Retrying(start, state.settings.sleep)
 
 
-def _check_retry_on(value: object) -> RetryOn | None:
-    if value is None or (callable(value) and not isinstance(value, type)):
-        return value
-    classes = value if isinstance(value, tuple) else (value,)
-    if classes and all(isinstance(c, type) and issubclass(c, BaseException) for c in classes):
-        return value  # type: ignore[return-value]
-    raise ConfigError(
-        "'retry_on' must be an exception class, a tuple of exception classes, or a"
-        f" callable(exception) -> bool, got {value!r}."
+def _async_attempt(
+    database: AsyncDatabase, options: Options, number: int = 1, started: float | None = None
+) -> Attempt:
+    """An attempt on a new ``AsyncSession``, which the attempt closes when it ends."""
+    session = database.factory()
+    return Attempt(
+        session.sync_session,
+        database.sync_engine,
+        options,
+        number=number,
+        started=started,
+        user_session=session,
     )
 
 
@@ -643,410 +360,28 @@ def _refuse_unsupported(func: Callable[..., Any]) -> None:
         )
 
 
-def refuse_mixing(*, async_block: bool) -> None:
+def _refuse_mixing(outer: Attempt | None, *, async_block: bool) -> None:
     """Sync and async blocks use different sessions: one cannot nest in the other."""
-    txn = _current.get()
-    if txn is None or (txn.exposed is not txn.session) == async_block:
+    if outer is None or outer.is_async == async_block:
         return
-    inner, outer = ("an async", "a sync") if async_block else ("a sync", "an async")
+    inner, enclosing = ("an async", "a sync") if async_block else ("a sync", "an async")
     raise UsageError(
-        f"{inner} atomic block was entered inside {outer} one. They use different"
+        f"{inner} atomic block was entered inside {enclosing} one. They use different"
         " sessions and connections, so the inner one would be a separate transaction"
         " that commits on its own. Make both sync or both async."
     )
 
 
-def _prepare(session: Session) -> None:
-    """Before the first attempt: end a transaction of reads, refuse to lose writes."""
-    if session.in_transaction():
-        if has_pending_writes(session):
-            raise PendingWritesError(
-                "The session has uncommitted writes made before this atomic block began."
-                " Starting the block would have to commit or discard them. Commit them"
-                " first, or move them inside the block."
-            )
-        # Reads made before the block (a before_request hook, a user loader)
-        # hold a snapshot and maybe a different isolation level: start afresh.
-        session.rollback()
-
-
-def keep_request_body(policy: RetryPolicy) -> bytes | None:
-    """Before a view's first attempt: its request body, read into memory if the
-    view may be re-run, so that every attempt can read all of it (see
-    :func:`rewind_request_body`). None if there is nothing to keep: no retries,
-    no request, or no body (no ``Content-Length`` above 0, not chunked)."""
-    if not policy.retries or not has_request_context():
-        return None
-    environ = request.environ
-    if environ.get("CONTENT_LENGTH", "") in ("", "0") and "HTTP_TRANSFER_ENCODING" not in environ:
-        return None
-    return request.get_data(cache=True)
-
-
-def rewind_request_body(body: bytes | None) -> None:
-    """At the start of an attempt: ``request.stream`` reads the kept body from its
-    start (``get_data()``, ``get_json()`` and ``form`` read the kept copy anyway)."""
-    if body is not None:
-        # Werkzeug's cached_property: setting it replaces the cached stream.
-        request.stream = io.BytesIO(body)
-
-
-def _begin(txn: _Transaction) -> None:
-    """Start the outermost transaction with its options applied before any statement."""
-    session = txn.session
-    txn.root = session.begin()
-    session.info[_TXN] = txn
-    _apply_options(session, txn.options)
-
-
-def _finish_block(txn: _Transaction, exc: BaseException | None) -> BaseException | None:
-    """End an outermost ``with`` block: commit, or roll back; return the failure."""
-    failure = exc if exc is not None else txn.doomed
-    if failure is None:
-        failure = _commit(txn)
-    if failure is not None:
-        _rollback(txn, reason="error", error=failure)
-    return failure
-
-
-def _after_block(
-    txn: _Transaction, failure: BaseException | None, exc: BaseException | None
-) -> None:
-    """After an outermost ``with`` block: the commit's aftermath, or its own failure."""
-    if failure is None:
-        _committed(txn)
-    elif failure is not exc:
-        raise failure
-
-
-def _check_dialect(engine: Engine, options: _Options) -> None:
-    dialect = engine.dialect.name
-    check_dialect_isolation("isolation", options.isolation, dialect)
-    if dialect != "postgresql":
-        for name in _POSTGRESQL_ONLY:
-            value = getattr(options, name)
-            if value:
-                raise ConfigError(
-                    f"{name}={value!r} needs PostgreSQL; the database is {dialect!r}."
-                    f" Remove {name!r} for this database."
-                )
-
-
-def _apply_options(session: Session, options: _Options) -> None:
-    if options.plain or session.info.get(JOINED):
-        return  # flask_txn.testing documents that the test's transaction rules.
-    execution_options: dict[str, Any] = {}
-    if options.sqlite_begin is not None:
-        # Writers queue on SQLite's busy timeout at BEGIN instead of failing
-        # with SQLITE_BUSY when a read lock cannot be upgraded mid-transaction.
-        execution_options[SQLITE_BEGIN] = options.sqlite_begin
-    if options.isolation is not None:
-        execution_options["isolation_level"] = options.isolation
-    if options.readonly:
-        execution_options["postgresql_readonly"] = True
-    if options.deferrable:
-        execution_options["postgresql_deferrable"] = True
-    if execution_options:
-        if isinstance(session.get_bind(), Connection):
-            raise UsageError(
-                f"isolation/readonly options {execution_options!r} cannot be applied: the"
-                " session is bound to a connection whose transaction already began."
-            )
-        session.connection(execution_options=execution_options)
-    for setting, seconds in (
-        ("statement_timeout", options.statement_timeout),
-        ("lock_timeout", options.lock_timeout),
-    ):
-        if seconds is not None:
-            # A validated integer literal: SET takes no bound parameters.
-            session.execute(text(f"SET LOCAL {setting} = {milliseconds(seconds)}"))
-
-
-def _end(txn: _Transaction) -> None:
-    """Forget the block's state, so code after it (callbacks too) starts a new block."""
-    txn.session.info.pop(_TXN, None)
-
-
-def _commit(txn: _Transaction) -> BaseException | None:
-    """Flush and commit; return the error instead of raising it, unless it is final."""
-    session = txn.session
-    try:
-        for inject in fault_injectors:
-            inject(session)
-        # Ordinary errors (constraints, triggers) surface here, before COMMIT,
-        # so that only COMMIT itself can leave an outcome unknown.
-        session.flush()
-    except Exception as exc:
-        return exc
-    if session.get_transaction() is not txn.root:
-        return UsageError(
-            "The transaction was rolled back inside the atomic block (session.rollback()"
-            " or session.close()), so the writes made before that are lost and those"
-            " made after it would be committed alone. Do not end the session's"
-            " transaction inside a block: raise instead, or use a nested 'atomic'"
-            " block to undo part of the work."
-        )
-    caught = txn.last_error
-    if caught is not None and _aborted(session):
-        error = TransactionAbortedError(
-            "A database error aborted this transaction, but the function caught it and"
-            " returned normally, so nothing was committed. Let the error propagate, or"
-            " wrap the failing statement in a nested 'atomic' block (a savepoint)."
-        )
-        error.__cause__ = caught
-        return error
-    txn.committing = True
-    try:
-        session.commit()
-    except Exception as exc:
-        if is_disconnect(exc) or sqlstate_of(exc) == AMBIGUOUS_SQLSTATE:
-            ambiguous = AmbiguousCommitError(
-                "COMMIT's outcome is unknown (the connection was lost while waiting for its"
-                " reply, or the server reported SQLSTATE 40003): the transaction may or"
-                " may not have committed, so it is not retried."
-                " Make the operation idempotent (store an idempotency key in the same"
-                " transaction) and let the client retry with the same key."
-            )
-            ambiguous.__cause__ = exc
-            _end(txn)
-            _rollback(txn, reason="error", error=ambiguous)
-            raise ambiguous from exc
-        return exc
-    return None
-
-
-def refuse_inner_commit(session: Session) -> None:
-    """``before_commit`` listener: only the outermost block commits its transaction."""
-    txn: _Transaction | None = session.info.get(_TXN)
-    if txn is not None and not txn.committing and session.get_nested_transaction() is None:
+def current_async_session() -> AsyncSession:
+    """The ``AsyncSession`` of the innermost async atomic block of this task."""
+    attempt = current()
+    if attempt is None or not attempt.is_async:
         raise UsageError(
-            "'session.commit()' was called inside an atomic block. The block commits"
-            " when it ends; committing earlier would make part of its work permanent"
-            " even if the rest fails. Remove the call, or use 'session.flush()' to send"
-            " the changes to the database without committing."
+            "'async_session' is only available inside an async atomic block (an"
+            " '@atomic' coroutine or 'async with atomic():'), which opens and closes it"
+            " in the view's own event loop. Outside one, there is no session."
         )
-
-
-def _aborted(session: Session) -> bool:
-    """True if the database considers the open transaction failed, so that it
-    would turn COMMIT into a silent ROLLBACK (PostgreSQL does)."""
-    connection = session.connection()
-    info = getattr(connection.connection.driver_connection, "info", None)
-    status = getattr(info, "transaction_status", None)
-    if status is not None:  # psycopg2 and psycopg 3 report libpq's status
-        return bool(status == _TRANSACTION_IN_ERROR)
-    # Other drivers (asyncpg, sqlite3) do not: ask the database. Only done
-    # after an error, so the extra statement costs nothing on the hot path.
-    try:
-        connection.exec_driver_sql("SELECT 1")
-    except DBAPIError as exc:
-        return sqlstate_of(exc) == _IN_FAILED_TRANSACTION
-    return False
-
-
-def _rollback(
-    txn: _Transaction,
-    *,
-    reason: str,
-    error: BaseException | None,
-    exhausted: bool = False,
-) -> None:
-    """Roll back, returning the connection to the pool, then tell the receivers."""
-    _end(txn)
-    try:
-        txn.session.rollback()
-    except Exception:
-        # The original error matters more; the pool discards a broken connection.
-        log.exception("Rollback failed; closing the session.")
-        txn.session.close()
-    _signals.send_rolled_back(
-        current_app_object(),
-        **_payload(txn),
-        reason=reason,
-        error=error,
-        sqlstate=None if error is None else sqlstate_of(error),
-        exhausted=exhausted,
-    )
-
-
-def _retrying(txn: _Transaction, error: BaseException, delay: float, *, final: bool) -> None:
-    sqlstate = sqlstate_of(error)
-    log.info(
-        "Retrying transaction: attempt %d failed with %s; waiting %.3f s.",
-        txn.attempt,
-        # A connection that was lost or never made has no SQLSTATE: name the error.
-        f"SQLSTATE {sqlstate}" if sqlstate else type(error).__name__,
-        delay,
-    )
-    if _signals.transaction_retrying.receivers:
-        _signals.send(
-            _signals.transaction_retrying,
-            current_app_object(),
-            **_payload(txn),
-            error=error,
-            sqlstate=sqlstate,
-            delay=delay,
-            final=final,
-        )
-
-
-def _committed(txn: _Transaction) -> None:
-    """After COMMIT: the signal, then the on_commit callbacks, outside any block."""
-    _end(txn)
-    if _signals.transaction_committed.receivers:
-        _signals.send(_signals.transaction_committed, current_app_object(), **_payload(txn))
-    if callback_captures:
-        callbacks = [func for _, func, _ in txn.callbacks]
-        # Every capture sees the callbacks; any of them may hold them back.
-        if not all([capture(callbacks) for capture in callback_captures]):
-            return
-    if txn.callbacks:
-        _run_callbacks(txn.callbacks)
-
-
-def _payload(txn: _Transaction) -> dict[str, Any]:
-    return {
-        "session": txn.exposed,
-        "attempt": txn.attempt,
-        "isolation": txn.isolation,
-        "endpoint": request.endpoint if has_request_context() else None,
-        "elapsed": time.perf_counter() - txn.started,
-    }
-
-
-def _note_attempts(error: BaseException, attempts: int) -> None:
-    error.txn_attempts = attempts  # type: ignore[attr-defined]
-    error.add_note(f"flask-txn: gave up after {attempts} attempt(s).")
-
-
-def _vetoed(rv: object, veto: StatusVeto, wrapper: Callable[..., Any]) -> bool:
-    """True if the view returned a response that asks for a rollback.
-
-    Only the request's view function is judged (``TXN_ROLLBACK_ON_STATUS``): a
-    helper returning a tuple like ``(item_id, 500)`` is data, not a response.
-    """
-    if veto is None:
-        return False
-    if callable(veto):
-        return has_request_context() and _is_current_view(wrapper) and bool(veto(rv))
-    # The status first: finding the view is only worth it for an error response.
-    status = _status_of(rv)
-    return (
-        status is not None
-        and status >= veto
-        and has_request_context()
-        and _is_current_view(wrapper)
-    )
-
-
-def _is_current_view(wrapper: Callable[..., Any]) -> bool:
-    """True if ``wrapper`` is (or is wrapped by) the view serving this request."""
-    view = current_app.view_functions.get(request.endpoint or "")
-    while view is not None:
-        if view is wrapper:
-            return True
-        view_class = getattr(view, "view_class", None)
-        if view_class is not None:
-            # A class-based view whose method was decorated.
-            return getattr(view_class, request.method.lower(), None) is wrapper
-        view = getattr(view, "__wrapped__", None)
-    return False
-
-
-def _status_of(rv: object) -> int | None:
-    """The HTTP status of a view's return value, without touching a streamed body."""
-    if isinstance(rv, tuple) and len(rv) in (2, 3):
-        status = rv[1]
-        if isinstance(status, int) and not isinstance(status, bool):
-            return status
-        if isinstance(status, str) and status.split(" ", 1)[0].isdigit():
-            return int(status.split(" ", 1)[0])
-        return _status_of(rv[0])
-    if isinstance(rv, Response):
-        return rv.status_code
-    return None
-
-
-class _Savepoint:
-    """A nested block: a SAVEPOINT, and the callbacks registered under it."""
-
-    __slots__ = ("id", "nested", "txn")
-
-    def __init__(self, txn: _Transaction) -> None:
-        self.txn = txn
-
-    def __enter__(self) -> None:
-        txn = self.txn
-        self.nested = txn.session.begin_nested()
-        self.id = next(_savepoint_ids)
-        txn.savepoint_ids.append(self.id)
-        txn.frames.append(self)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        txn = self.txn
-        txn.frames.pop()
-        txn.savepoint_ids.pop()
-        if exc is None:
-            try:
-                self.nested.commit()
-                return
-            except BaseException:
-                self._rollback()
-                raise
-        self._rollback()
-
-    def _rollback(self) -> None:
-        txn = self.txn
-        # A failed flush leaves the savepoint inactive but open: it still needs
-        # its ROLLBACK TO SAVEPOINT. One that user code already ended is closed.
-        with contextlib.suppress(ResourceClosedError):
-            self.nested.rollback()
-        txn.callbacks = [entry for entry in txn.callbacks if self.id not in entry[0]]
-
-
-def on_commit(func: Callable[[], object], *, robust: bool = False) -> None:
-    """Run ``func()`` once the outermost atomic block has committed.
-
-    It never runs if the transaction, the savepoint it was registered in, or the
-    attempt rolls back. Callbacks run in registration order after the
-    :data:`transaction_committed` signal, outside any block. Every callback
-    runs; a failure is logged, and with ``robust=False`` the first one is
-    re-raised to the caller after the others ran (the data stays committed).
-
-    :param func: a callable taking no arguments.
-    :param robust: log and swallow an exception from ``func`` instead of raising it.
-    """
-    if not callable(func):
-        raise ConfigError(
-            f"'on_commit' needs a callable taking no arguments, got {func!r}. Pass the"
-            " function itself (or functools.partial(f, ...)), not its result."
-        )
-    _check_flag("robust", robust)
-    txn = _current.get()
-    if txn is None:
-        raise UsageError(
-            "'on_commit' was called outside of an atomic block, so there is no commit to"
-            " wait for. Call it inside '@atomic' or 'with atomic():'."
-        )
-    txn.callbacks.append((tuple(txn.savepoint_ids), func, robust))
-
-
-def _run_callbacks(callbacks: list[tuple[tuple[int, ...], Callable[[], object], bool]]) -> None:
-    first: BaseException | None = None
-    for _, func, robust in callbacks:
-        try:
-            func()
-        except Exception as exc:
-            log.exception("on_commit callback %r raised after the commit.", func)
-            if not robust and first is None:
-                first = exc
-    if first is not None:
-        raise first
+    return attempt.user_session  # type: ignore[return-value]
 
 
 @overload

@@ -30,6 +30,7 @@ DIALECT_LEVELS = {"sqlite": ("SERIALIZABLE", "READ UNCOMMITTED")}
 Scope = Literal["thread", "app_context"] | Callable[[], Any]
 DiscardPolicy = Literal["warn", "ignore", "raise"]
 StatusVeto = int | Callable[[Any], bool] | None
+RetryOn = Callable[[BaseException], bool] | type[BaseException] | tuple[type[BaseException], ...]
 
 #: Config key -> default. ``FlaskTxn(**options)`` takes the same names in lower
 #: case without the prefix; the app's config overrides them.
@@ -221,6 +222,26 @@ def check_retries(name: str, value: object) -> int:
             f" attempt; 0 disables retrying), got {value!r}."
         )
     return value
+
+
+def check_flag(name: str, value: object) -> bool:
+    """Refuse anything but ``True`` or ``False`` (``1`` or ``"yes"`` is a mistake, not a flag)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name!r} must be True or False, got {value!r}.")
+    return value
+
+
+def check_retry_on(value: object) -> RetryOn | None:
+    """``atomic(retry_on=...)``: exception classes, or a predicate on the exception."""
+    if value is None or (callable(value) and not isinstance(value, type)):
+        return value
+    classes = value if isinstance(value, tuple) else (value,)
+    if classes and all(isinstance(c, type) and issubclass(c, BaseException) for c in classes):
+        return value  # type: ignore[return-value]
+    raise ConfigError(
+        "'retry_on' must be an exception class, a tuple of exception classes, or a"
+        f" callable(exception) -> bool, got {value!r}."
+    )
 
 
 def check_wait_order(name: str, wait_initial: float, wait_max: float) -> None:

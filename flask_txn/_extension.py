@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import time
@@ -10,14 +9,13 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, current_app, has_app_context
-from sqlalchemy import event
+from flask import Flask
+from flask.ctx import AppContext
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.util import ScopedRegistry
+from sqlalchemy.orm import Session
 
-from . import _async, _session
-from ._atomic import Atomic, decorate_or_open, record_error, refuse_inner_commit
+from . import _session
+from ._atomic import Atomic, current_async_session, decorate_or_open
 from ._config import (
     DEFAULTS,
     Settings,
@@ -26,23 +24,16 @@ from ._config import (
     options_to_config,
     read_settings,
 )
+from ._engine import make_engine
 from ._errors import PendingWritesError, UsageError
+from ._listeners import watch
 from ._signals import send_rolled_back
+from ._state import EXTENSION_KEY, AppState, app_state
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
 log = logging.getLogger("flask_txn")
-
-
-@dataclasses.dataclass(slots=True, weakref_slot=True)
-class _State:
-    settings: Settings
-    engine: Engine
-    sessionmaker: sessionmaker[Session]
-    registry: ScopedRegistry[Session]
-    #: for atomic coroutines; None when the app has no async database URL.
-    async_database: _async.AsyncDatabase | None
 
 
 class FlaskTxn:
@@ -59,7 +50,7 @@ class FlaskTxn:
 
     def __init__(self, app: Flask | None = None, **options: Any) -> None:
         self._defaults = options_to_config(options)
-        self._states: weakref.WeakKeyDictionary[Flask, _State] = weakref.WeakKeyDictionary()
+        self._states: weakref.WeakKeyDictionary[Flask, AppState] = weakref.WeakKeyDictionary()
         self.session = _session.AppScopedSession(
             lambda: self._get_state().registry, lambda: self._get_state().sessionmaker
         )
@@ -73,7 +64,7 @@ class FlaskTxn:
 
         :param app: the app to register this extension with.
         """
-        if "flask-txn" in app.extensions:
+        if EXTENSION_KEY in app.extensions:
             raise UsageError(
                 f"A flask-txn extension is already registered on app {app.name!r}."
                 " Call 'init_app' once per app (one FlaskTxn object can serve many apps)."
@@ -83,20 +74,22 @@ class FlaskTxn:
             # change the module's defaults or another app served by this object.
             app.config.setdefault(key, dict(value) if isinstance(value, dict) else value)
         settings = read_settings(app.config)
-        engine = _session.make_engine(settings)
+        engine = make_engine(settings)
         check_dialect_isolation("TXN_ISOLATION_LEVEL", settings.isolation, engine.dialect.name)
-        event.listen(engine, "handle_error", record_error)
         factory = _session.make_sessionmaker(engine, settings)
-        event.listen(factory, "before_commit", refuse_inner_commit)
-        self._states[app] = _State(
+        watch(engine, factory)
+        async_database = _session.make_async_database(settings)
+        if async_database is not None:
+            watch(async_database.sync_engine, _session.AsyncWorkSession)
+        self._states[app] = AppState(
             settings,
             engine,
             factory,
             _session.make_registry(factory, settings.scope),
-            _async.make_database(settings),
+            async_database,
         )
         weakref.finalize(app, engine.dispose)
-        app.extensions["flask-txn"] = self
+        app.extensions[EXTENSION_KEY] = self
         _always_remove_at_teardown(app, self)
 
     @property
@@ -110,7 +103,7 @@ class FlaskTxn:
 
         .. versionadded:: 0.1.0
         """
-        return _async.current_session()
+        return current_async_session()
 
     @property
     def settings(self) -> Settings:
@@ -121,22 +114,9 @@ class FlaskTxn:
         """Like :func:`flask_txn.atomic`, for this extension whatever the current app's is."""
         return decorate_or_open(Atomic(_extension=self, **options), func)
 
-    def _get_state(self, app: Flask | None = None) -> _State:
-        """The state of ``app``, by default the current app."""
-        try:
-            return self._states[_session.current_app_object() if app is None else app]
-        except (RuntimeError, KeyError):
-            pass  # Flask's "outside of application context", or not registered
-        if not has_app_context():
-            raise UsageError(
-                "Working outside of an application context: flask-txn needs one to find"
-                " the app's database. Use it inside a request, a CLI command, or"
-                " 'with app.app_context():'."
-            )
-        raise UsageError(
-            f"The current Flask app {current_app.name!r} is not registered with this"
-            " extension. Did you forget to call 'init_app'?"
-        )
+    def _get_state(self) -> AppState:
+        """The current app's state in this extension."""
+        return app_state(self)
 
     def _teardown(self, app: Flask, *, failed: bool) -> None:
         """Remove the session the ending app context created, discarding its open transaction.
@@ -206,9 +186,7 @@ def _always_remove_at_teardown(app: Flask, ext: FlaskTxn) -> None:
     do_teardown: Callable[..., None] = app.do_teardown_appcontext
 
     def do_teardown_appcontext(*args: Any, **kwargs: Any) -> None:
-        # Flask passes the exception the context ends with; called bare, it looks
-        # at the one being handled, as Flask's own method does.
-        exc = args[0] if args else kwargs.get("exc", sys.exc_info()[1])
+        exc = _exception_of(args, kwargs)
         try:
             do_teardown(*args, **kwargs)
         except BaseException:
@@ -217,3 +195,18 @@ def _always_remove_at_teardown(app: Flask, ext: FlaskTxn) -> None:
         ext._teardown(app, failed=exc is not None)
 
     app.do_teardown_appcontext = do_teardown_appcontext  # type: ignore[method-assign]
+
+
+def _exception_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> BaseException | None:
+    """The exception the app context ends with, from ``do_teardown_appcontext``'s arguments.
+
+    Flask 3.1 calls ``do_teardown_appcontext(exc)``; the next Flask calls
+    ``do_teardown_appcontext(ctx, exc)``, context first. Called with no
+    exception, it looks at the one being handled, as Flask's own method does.
+    """
+    if args and isinstance(args[0], AppContext):
+        args = args[1:]
+    if args:
+        exc: BaseException | None = args[0]
+        return exc
+    return kwargs.get("exc", sys.exc_info()[1])

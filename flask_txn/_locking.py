@@ -19,11 +19,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import sqlalchemy as sa
-from flask import current_app, has_app_context
 from sqlalchemy.orm import Mapped, Mapper, Session, declared_attr, mapped_column
 
-from ._atomic import _TXN
+from ._config import check_flag
 from ._errors import ConfigError, UsageError
+from ._state import app_state
+from ._transaction import current_on
 
 T = TypeVar("T")
 
@@ -96,8 +97,8 @@ def lock_rows(
         composite key) as loaded, in primary-key order.
     """
     strength = _check_mode(mode)
-    _check_flag("nowait", nowait)
-    _check_flag("skip_locked", skip_locked)
+    check_flag("nowait", nowait)
+    check_flag("skip_locked", skip_locked)
     if nowait and skip_locked:
         raise ConfigError(
             "'nowait=True' and 'skip_locked=True' cannot be combined: NOWAIT fails when a"
@@ -152,11 +153,6 @@ def _check_mode(mode: object) -> str:
     )
 
 
-def _check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name!r} must be True or False, got {value!r}.")
-
-
 def _primary_key_of(entity: object) -> tuple[Mapper[Any] | None, sa.Table, list[sa.Column[Any]]]:
     """The mapper (None for a Table), the table and the primary key columns of ``entity``."""
     if isinstance(entity, sa.Table):
@@ -207,20 +203,9 @@ def _check_ids(ids: object, table: sa.Table, columns: list[sa.Column[Any]]) -> l
 
 def _session_in_block(name: str) -> Session:
     """The current app's session, refusing to go on outside an atomic block."""
-    if not has_app_context():
-        raise UsageError(
-            f"{name!r} was used outside of an application context: it needs one to find"
-            " the app's session. Use it in a request, a CLI command, or"
-            " 'with app.app_context():', inside an atomic block."
-        )
-    extension = current_app.extensions.get("flask-txn")
-    if extension is None:
-        raise UsageError(
-            f"No flask-txn extension is registered on the current app {current_app.name!r}."
-            " Did you forget to call 'FlaskTxn(app)' or 'txn.init_app(app)'?"
-        )
-    session: Session = extension.session()
-    if session.info.get(_TXN) is None:
+    state = app_state(user=f"{name!r} was used")
+    session = state.registry()
+    if current_on(session) is None:
         raise UsageError(
             f"{name!r} was called outside of an atomic block: the transaction would end, and"
             " release the lock, before the code that needs it runs. Call it inside"
@@ -317,7 +302,7 @@ def try_advisory_lock(key: str | int, *, shared: bool = False) -> bool:
 
 def _advisory(name: str, key: str | int, *, shared: bool, wait: bool) -> bool:
     number = advisory_lock_key(key)
-    _check_flag("shared", shared)
+    check_flag("shared", shared)
     session = _session_in_block(name)
     dialect = session.get_bind().dialect.name
     if dialect != "postgresql":

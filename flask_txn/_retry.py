@@ -1,4 +1,9 @@
-"""Which database errors are worth re-running a transaction for, and how long to wait.
+"""The retry loop, which errors are worth re-running a transaction for, and how long to wait.
+
+:class:`Retrying` is the loop, written once: ``for attempt in Retrying(...)``
+in sync code, ``async for`` in async code; the two differ only in how they wait.
+Each attempt is run by its caller and says, as it ends, whether to re-run it
+(:attr:`Attempt.retry_delay`), so the loop knows nothing of transactions.
 
 Errors are classified by the driver's error code, never by class name, so the
 same table serves every driver that reports the code:
@@ -19,11 +24,16 @@ any                           connection lost before      SQLAlchemy's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import inspect
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Generic, Protocol, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
-from ._config import RetryPolicy
+from ._config import RetryOn, RetryPolicy
 
 _RETRIABLE_CODES = frozenset({"40001", "40P01", "1213"})
 _RETRIABLE_SQLITE = ("SQLITE_BUSY", "SQLITE_LOCKED")
@@ -105,3 +115,87 @@ def backoff(policy: RetryPolicy, retry: int, random: Callable[[], float]) -> flo
     """
     cap = min(policy.wait_max, policy.wait_initial * 2.0 ** min(retry - 1, 64))
     return cap * random()
+
+
+def should_retry(error: Exception, retry_on: RetryOn | None) -> bool:
+    """True if ``error`` is retryable, or one the block's ``retry_on`` names."""
+    if is_retryable(error):
+        return True
+    if retry_on is None:
+        return False
+    if isinstance(retry_on, type | tuple):
+        return isinstance(error, retry_on)
+    return bool(retry_on(error))
+
+
+def next_delay(
+    policy: RetryPolicy, attempt: int, started: float, random: Callable[[], float]
+) -> float | None:
+    """Seconds to wait before re-running after failed attempt number ``attempt``,
+    or None when the policy gives up: no retries left, or the wait would end
+    past the deadline (counted from ``started``, a ``time.perf_counter()``)."""
+    delay = backoff(policy, attempt, random)
+    if attempt > policy.retries:
+        return None
+    if policy.deadline is not None and time.perf_counter() - started + delay > policy.deadline:
+        return None
+    return delay
+
+
+class Attempt(Protocol):
+    """What the loop needs of an attempt: after it ran, whether to run another."""
+
+    #: seconds to wait before the next attempt; None when this one was the last.
+    retry_delay: float | None
+
+
+A = TypeVar("A", bound=Attempt)
+
+
+class Retrying(Generic[A]):
+    """The retry loop: yields attempts, waiting between them, while the last one
+    ended asking to be re-run.
+
+    :param start: makes attempt number ``n`` (from 1).
+    :param sleep: waits a number of seconds (``TXN_RETRY_SLEEP``); in ``async
+        for``, it may return an awaitable.
+    """
+
+    __slots__ = ("_sleep", "_start")
+
+    def __init__(self, start: Callable[[int], A], sleep: Callable[[float], object]) -> None:
+        self._start = start
+        self._sleep = sleep
+
+    def _steps(self) -> Iterator[A | float]:
+        """Each attempt, then the seconds to wait before the next, while there is one."""
+        for number in itertools.count(1):  # pragma: no branch - left by return
+            attempt = self._start(number)
+            yield attempt
+            if attempt.retry_delay is None:
+                return
+            yield float(attempt.retry_delay)
+
+    def __iter__(self) -> Iterator[A]:
+        for step in self._steps():
+            if isinstance(step, float):
+                self._sleep(step)
+            else:
+                yield step
+
+    async def __aiter__(self) -> AsyncIterator[A]:
+        for step in self._steps():
+            if isinstance(step, float):
+                await _wait(self._sleep, step)
+            else:
+                yield step
+
+
+async def _wait(sleep: Callable[[float], object], seconds: float) -> None:
+    """Wait without blocking the loop; a custom ``TXN_RETRY_SLEEP`` may return an awaitable."""
+    if sleep is time.sleep:
+        await asyncio.sleep(seconds)
+        return
+    waited = sleep(seconds)
+    if inspect.isawaitable(waited):
+        await waited

@@ -1,15 +1,13 @@
-"""Engines and scoped sessions: one registry per app, sessions owned by app contexts."""
+"""Sessions: one scoped registry per app, sessions owned by app contexts, and async sessions."""
 
 from __future__ import annotations
 
 import asyncio
-import os
+import threading
 import time
-import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import sqlalchemy as sa
 from flask import current_app, has_request_context, request
 from flask.globals import app_ctx
 from sqlalchemy import event
@@ -17,13 +15,21 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
 from sqlalchemy.util import ScopedRegistry, ThreadLocalRegistry
 
-from . import _timeouts
 from ._config import Settings
+from ._engine import async_url, make_async_engine
 from ._errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 #: ``session.info`` keys: the session's :class:`Owner`, and whether it wrote.
 OWNER = "flask_txn.owner"
 _WROTE = "flask_txn.wrote"
+
+#: ``session.info`` key that flask_txn.testing sets on sessions joined to a test's
+#: outer transaction: there, commits are savepoint releases and per-transaction
+#: settings (isolation, read-only, timeouts) cannot be applied.
+JOINED = "flask_txn.joined"
 
 
 class Owner(NamedTuple):
@@ -33,69 +39,6 @@ class Owner(NamedTuple):
     context: Any
     endpoint: str | None
     created: float
-
-
-# Every engine flask-txn made in this process, for disposal after a fork.
-_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-def _dispose_after_fork() -> None:
-    """Drop the parent's pooled connections in a forked child without closing them."""
-    for engine in list(_ENGINES):
-        engine.dispose(close=False)
-
-
-os.register_at_fork(after_in_child=_dispose_after_fork)
-
-
-def make_engine(settings: Settings) -> Engine:
-    """Create the app's engine with flask-txn's per-dialect defaults under the user's options."""
-    options = _timeouts.engine_options(
-        settings.url,
-        settings.timeouts,
-        {**_dialect_defaults(settings.url), **settings.engine_options},
-    )
-    try:
-        engine = sa.create_engine(settings.url, **options)
-    except TypeError as exc:
-        # Only the names are shown: values (connect_args) may hold a password.
-        raise ConfigError(
-            f"'TXN_ENGINE_OPTIONS' has keys {sorted(settings.engine_options)!r} that"
-            f" sqlalchemy.create_engine() refused: {exc} Use keyword arguments of"
-            " create_engine() that this database and pool accept, e.g. {'pool_size': 10}."
-        ) from None
-    if engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite":
-        _use_sqlite_transactions(engine)
-    _timeouts.watch(engine, settings.timeouts.read)
-    _ENGINES.add(engine)
-    return engine
-
-
-def _dialect_defaults(url: URL) -> dict[str, Any]:
-    if url.get_backend_name() == "sqlite":
-        return {}
-    # A server may drop idle connections (restart, failover, idle timeouts):
-    # test each one on checkout rather than fail the first statement of a request.
-    return {"pool_pre_ping": True}
-
-
-#: Connection execution option: the kind of SQLite BEGIN for this transaction
-#: ("IMMEDIATE" takes the write lock at once; atomic blocks set it).
-SQLITE_BEGIN = "flask_txn_sqlite_begin"
-
-
-def _use_sqlite_transactions(engine: Engine) -> None:
-    """Make pysqlite emit BEGIN itself, so SAVEPOINT and isolation work (SQLAlchemy's recipe)."""
-
-    @event.listens_for(engine, "connect")
-    def _no_driver_transactions(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin(connection: sa.Connection) -> None:
-        # A validated keyword (TXN_SQLITE_BEGIN), never user text.
-        mode = connection.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
-        connection.exec_driver_sql(f"BEGIN {mode}")
 
 
 def make_sessionmaker(engine: Engine, settings: Settings) -> sessionmaker[Session]:
@@ -164,6 +107,58 @@ def claim(session: Session) -> Session:
     return session
 
 
+class AsyncWorkSession(Session):
+    """The sync session inside each ``AsyncSession``, a class of its own so that
+    flask-txn's session events can be listened for on async sessions alone."""
+
+
+class AsyncDatabase:
+    """An app's async engine and session factory, safe to use from many event loops.
+
+    :raises ImportError: SQLAlchemy's asyncio support (greenlet) is not installed.
+    """
+
+    def __init__(self, settings: Settings, url: URL) -> None:
+        # Imported here, like the engine: the 'async' extra is optional.
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+
+        self.engine: AsyncEngine = make_async_engine(settings, url)
+        self.factory: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            self.engine,
+            sync_session_class=AsyncWorkSession,
+            **{"expire_on_commit": False, **settings.session_options},
+        )
+        self._first_connect = threading.Lock()
+        self._connected = False
+
+    @property
+    def sync_engine(self) -> Engine:
+        """The engine that does the work, and that SQLAlchemy's events report."""
+        return self.engine.sync_engine
+
+    async def connected(self) -> AsyncDatabase:
+        """Make the engine's first connection alone, in a loop of its own.
+
+        SQLAlchemy guards an engine's first connection (dialect initialisation)
+        with an asyncio lock. Two event loops making their first connections at
+        once would wait on each other's lock and hang, so the first one is made
+        in a worker thread, one at a time, before any loop uses the engine.
+        """
+        if not self._connected:
+            await asyncio.to_thread(self._connect_once)
+        return self
+
+    def _connect_once(self) -> None:
+        with self._first_connect:
+            if not self._connected:
+                asyncio.run(self._connect())
+                self._connected = True
+
+    async def _connect(self) -> None:
+        async with self.engine.connect():
+            pass
+
+
 def _refuse_in_event_loop() -> None:
     """Flask runs an async view in a loop of its own, in another thread: a session made
     there would never be removed by teardown, and would keep its connection."""
@@ -229,3 +224,20 @@ class AppScopedSession(scoped_session[Session]):
     def session_factory(self) -> sessionmaker[Session]:  # type: ignore[override]
         """The current app's sessionmaker."""
         return self._factory_of_current_app()
+
+
+def make_async_database(settings: Settings) -> AsyncDatabase | None:
+    """The app's async database, or None when it has no async URL, or when its URL is
+    the sync one (psycopg 3) and SQLAlchemy's asyncio support is not installed."""
+    url = async_url(settings)
+    if url is None:
+        return None
+    try:
+        return AsyncDatabase(settings, url)
+    except ImportError as exc:
+        if settings.async_url is None:
+            return None  # a sync app on psycopg 3, without the 'async' extra
+        raise ConfigError(
+            f"'TXN_ASYNC_DATABASE_URI' is set, but SQLAlchemy's asyncio support cannot be"
+            f" imported ({exc}). Install the 'async' extra: pip install 'flask-txn[async]'."
+        ) from None

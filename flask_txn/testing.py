@@ -19,19 +19,18 @@ import dataclasses
 import re
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 from flask import Flask, has_app_context, has_request_context, request
 from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session
 
-from . import _atomic
 from ._errors import ConfigError, UsageError
+from ._session import JOINED
 from ._signals import transaction_committed, transaction_retrying, transaction_rolled_back
-
-if TYPE_CHECKING:
-    from ._extension import _State
+from ._state import AppState, app_state
+from ._testhooks import hooks
 
 __all__ = [
     "CapturedCallbacks",
@@ -62,17 +61,17 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def _state(app: Flask) -> _State:
-    extension = app.extensions.get("flask-txn")
-    if extension is None:
+def _state(app: Flask) -> AppState:
+    try:
+        return app_state(app=app)
+    except UsageError as exc:
         raise UsageError(
             f"The 'app' fixture's app {app.name!r} has no flask-txn extension. Call"
             " 'FlaskTxn(app)' or 'txn.init_app(app)' in the fixture that builds it."
-        )
-    return extension._states[app]  # type: ignore[no-any-return]
+        ) from exc
 
 
-def _discard_sessions(state: _State) -> None:
+def _discard_sessions(state: AppState) -> None:
     """Close the current context's session so the next one is made afresh."""
     if has_app_context() and state.registry.has():
         state.registry().close()
@@ -100,7 +99,7 @@ def txn_rollback(request: pytest.FixtureRequest, app: Flask) -> Iterator[Connect
     factory.configure(
         bind=connection,
         join_transaction_mode="create_savepoint",
-        info={**saved.get("info", {}), _atomic.JOINED: True},
+        info={**saved.get("info", {}), JOINED: True},
     )
     try:
         yield connection
@@ -156,11 +155,11 @@ class CapturedCallbacks:
 def txn_on_commit() -> Iterator[CapturedCallbacks]:
     """Collect ``on_commit`` callbacks instead of running them (set ``.execute`` to run too)."""
     captured = CapturedCallbacks()
-    _atomic.callback_captures.append(captured._capture)
+    hooks.captures.append(captured._capture)
     try:
         yield captured
     finally:
-        _atomic.callback_captures.remove(captured._capture)
+        hooks.captures.remove(captured._capture)
 
 
 class SignalRecorder:
@@ -287,11 +286,11 @@ def _raise_sqlite_locked(connection: Connection) -> None:
 def txn_faults() -> Iterator[Faults]:
     """Inject real retriable errors: ``txn_faults.fail_next(1)`` fails the next transaction."""
     faults = Faults()
-    _atomic.fault_injectors.append(faults._inject)
+    hooks.injectors.append(faults._inject)
     try:
         yield faults
     finally:
-        _atomic.fault_injectors.remove(faults._inject)
+        hooks.injectors.remove(faults._inject)
 
 
 class QueryCounter:

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from flask_txn import FlaskTxn, _atomic
+from flask_txn import FlaskTxn, _transaction
 
 from . import pgserver
 
@@ -40,7 +40,7 @@ class Item(Base):
 def no_block_left_open() -> Iterator[None]:
     """A test leaves no atomic block open: a leaked one would reach the tests after it."""
     yield
-    assert _atomic._current.get() is None, "an atomic block was left open"
+    assert _transaction.current() is None, "an atomic block was left open"
 
 
 @pytest.fixture(scope="session")

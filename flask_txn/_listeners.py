@@ -1,0 +1,64 @@
+"""SQLAlchemy event listeners that let the current attempt see what user code hides."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, ExceptionContext
+from sqlalchemy.orm import Session
+
+from ._errors import UsageError
+from ._retry import is_retryable
+from ._transaction import Attempt, current, current_on
+
+
+def record_error(context: ExceptionContext) -> None:
+    """``handle_error`` listener: remember database errors of the open attempt.
+
+    User code may catch a serialization failure and carry on; PostgreSQL would
+    then turn COMMIT into a silent ROLLBACK. Recording here lets the block see it.
+    A connection that could not be made (refused, the server starting up or
+    shutting down) dooms the attempt too: nothing was sent, so running it again
+    is safe, and the server may be back by then.
+    """
+    attempt = current()
+    if attempt is None or context.engine is not attempt.engine or context.is_pre_ping:
+        return
+    error = context.sqlalchemy_exception or context.original_exception
+    attempt.last_error = error
+    reconnect = context.connection is None and _may_reconnect(attempt)
+    if attempt.first_retriable_error is None and (
+        context.is_disconnect or reconnect or is_retryable(error)
+    ):
+        attempt.first_retriable_error = error
+
+
+def _may_reconnect(attempt: Attempt) -> bool:
+    """Whether a connection that could not be made is worth another attempt: only
+    while the block has run for less than the connect timeout in all. A connect
+    that ran out of it (a host that does not answer) would make each retry wait
+    as long again."""
+    limit = attempt.options.connect_timeout
+    return limit is None or time.perf_counter() - attempt.started < limit
+
+
+def refuse_inner_commit(session: Session) -> None:
+    """``before_commit`` listener: only the outermost block commits its transaction."""
+    attempt = current_on(session)
+    # A savepoint's commit is a RELEASE, which a nested block may do.
+    if attempt is not None and not attempt.committing and session.get_nested_transaction() is None:
+        raise UsageError(
+            "'session.commit()' was called inside an atomic block. The block commits"
+            " when it ends; committing earlier would make part of its work permanent"
+            " even if the rest fails. Remove the call, or use 'session.flush()' to send"
+            " the changes to the database without committing."
+        )
+
+
+def watch(engine: Engine, sessions: Any) -> None:
+    """Listen to ``engine``'s errors and to commits of ``sessions`` (a sessionmaker
+    or a Session class) on behalf of the attempts that use them."""
+    event.listen(engine, "handle_error", record_error)
+    event.listen(sessions, "before_commit", refuse_inner_commit)

@@ -1,0 +1,198 @@
+"""An outermost block's options: its arguments over the app's config, checked
+against the database, and applied as its transaction begins."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from ._config import (
+    RetryOn,
+    RetryPolicy,
+    Settings,
+    StatusVeto,
+    check_dialect_isolation,
+    check_wait_order,
+)
+from ._engine import SQLITE_BEGIN
+from ._errors import ConfigError, NestingError, UsageError
+from ._session import JOINED
+from ._timeouts import milliseconds
+
+#: Arguments that shape the retry loop: only an outermost decorated function has one.
+RETRY_ARGUMENTS = frozenset({"retries", "wait_initial", "wait_max", "deadline", "retry_on"})
+_POSTGRESQL_ONLY = ("readonly", "deferrable", "statement_timeout", "lock_timeout")
+
+
+class Arguments(Protocol):
+    """What :class:`~flask_txn.Atomic` was given, validated; None where not given."""
+
+    explicit: frozenset[str]
+    isolation: str | None
+    retries: int | None
+    wait_initial: float | None
+    wait_max: float | None
+    deadline: float | None
+    retry_on: RetryOn | None
+    readonly: bool
+    deferrable: bool
+    durable: bool
+    statement_timeout: float | None
+    lock_timeout: float | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Options:
+    """An outermost block's options after config defaults were applied."""
+
+    isolation: str | None
+    readonly: bool
+    deferrable: bool
+    statement_timeout: float | None
+    lock_timeout: float | None
+    #: how a decorated function is re-run; None for a ``with`` block, which cannot be.
+    policy: RetryPolicy | None
+    retry_on: RetryOn | None
+    #: ``TXN_RETRY_RANDOM``: draws the jitter of each wait.
+    random: Callable[[], float]
+    veto: StatusVeto
+    sqlite_begin: str | None
+    #: ``TXN_CONNECT_TIMEOUT``: how long a block keeps retrying connections that
+    #: could not be made.
+    connect_timeout: float | None
+    #: nothing to apply as the transaction begins: no isolation level, BEGIN
+    #: mode or read-only flag, no ``SET LOCAL`` (the default; checked per block).
+    plain: bool = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        plain = (
+            self.isolation is None
+            and self.sqlite_begin is None
+            and not self.readonly  # deferrable needs readonly
+            and self.statement_timeout is None
+            and self.lock_timeout is None
+        )
+        object.__setattr__(self, "plain", plain)
+
+
+def resolve(block: Arguments, settings: Settings, engine: Engine, *, retrying: bool) -> Options:
+    """The block's options with the app's config applied, checked against ``engine``."""
+    policy = _policy(block, settings.retry) if retrying else None
+    isolation = block.isolation if "isolation" in block.explicit else settings.isolation
+    if block.deferrable and isolation != "SERIALIZABLE":
+        raise ConfigError(
+            f"'deferrable=True' needs isolation 'SERIALIZABLE', but the level in force"
+            f" is {isolation!r}. Pass isolation='SERIALIZABLE'."
+        )
+    options = Options(
+        isolation=isolation,
+        readonly=block.readonly,
+        deferrable=block.deferrable,
+        statement_timeout=block.statement_timeout,
+        lock_timeout=block.lock_timeout,
+        policy=policy,
+        retry_on=block.retry_on,
+        random=settings.random,
+        veto=settings.rollback_on_status,
+        sqlite_begin=settings.sqlite_begin if engine.dialect.name == "sqlite" else None,
+        connect_timeout=settings.timeouts.connect,
+    )
+    _check_dialect(engine, options)
+    return options
+
+
+def _policy(block: Arguments, default: RetryPolicy) -> RetryPolicy:
+    policy = RetryPolicy(
+        retries=default.retries if block.retries is None else block.retries,
+        wait_initial=default.wait_initial if block.wait_initial is None else block.wait_initial,
+        wait_max=default.wait_max if block.wait_max is None else block.wait_max,
+        deadline=block.deadline if "deadline" in block.explicit else default.deadline,
+    )
+    if block.wait_initial is None or block.wait_max is None:
+        # One of the two comes from the config: only now can their order be checked.
+        check_wait_order("wait_max", policy.wait_initial, policy.wait_max)
+    return policy
+
+
+def _check_dialect(engine: Engine, options: Options) -> None:
+    dialect = engine.dialect.name
+    check_dialect_isolation("isolation", options.isolation, dialect)
+    if dialect != "postgresql":
+        for name in _POSTGRESQL_ONLY:
+            value = getattr(options, name)
+            if value:
+                raise ConfigError(
+                    f"{name}={value!r} needs PostgreSQL; the database is {dialect!r}."
+                    f" Remove {name!r} for this database."
+                )
+
+
+def check_nested(block: Arguments, outer: Options) -> None:
+    """Refuse, as a nested block enters, options that only the outermost block can honour."""
+    outermost_only = sorted(block.explicit & RETRY_ARGUMENTS) + [
+        name
+        for name in ("durable", "statement_timeout", "lock_timeout")
+        if getattr(block, name) not in (False, None)
+    ]
+    for name in outermost_only:
+        raise NestingError(
+            f"{name}={getattr(block, name)!r} cannot be used on a nested atomic block: it"
+            " only applies to the outermost block. Move it to the outermost"
+            f" 'atomic', or remove it here.{_durable_hint(name)}"
+        )
+    for name, value, outer_value in (
+        ("isolation", block.isolation, outer.isolation),
+        ("readonly", block.readonly, outer.readonly),
+        ("deferrable", block.deferrable, outer.deferrable),
+    ):
+        if name in block.explicit and value != outer_value:
+            raise NestingError(
+                f"{name}={value!r} differs from the enclosing atomic block's"
+                f" {name}={outer_value!r}; a savepoint cannot change it. Set it on"
+                " the outermost block, or remove it here."
+            )
+
+
+def _durable_hint(name: str) -> str:
+    if name != "durable":
+        return ""
+    return (
+        " ('durable=True' promises that the block commits on its own, but it was"
+        " entered inside another block.)"
+    )
+
+
+def apply(session: Session, options: Options) -> None:
+    """Apply the options to the session's new transaction, before any statement."""
+    if options.plain or session.info.get(JOINED):
+        return  # flask_txn.testing documents that the test's transaction rules.
+    execution_options: dict[str, Any] = {}
+    if options.sqlite_begin is not None:
+        # Writers queue on SQLite's busy timeout at BEGIN instead of failing
+        # with SQLITE_BUSY when a read lock cannot be upgraded mid-transaction.
+        execution_options[SQLITE_BEGIN] = options.sqlite_begin
+    if options.isolation is not None:
+        execution_options["isolation_level"] = options.isolation
+    if options.readonly:
+        execution_options["postgresql_readonly"] = True
+    if options.deferrable:
+        execution_options["postgresql_deferrable"] = True
+    if execution_options:
+        if isinstance(session.get_bind(), Connection):
+            raise UsageError(
+                f"isolation/readonly options {execution_options!r} cannot be applied: the"
+                " session is bound to a connection whose transaction already began."
+            )
+        session.connection(execution_options=execution_options)
+    for setting, seconds in (
+        ("statement_timeout", options.statement_timeout),
+        ("lock_timeout", options.lock_timeout),
+    ):
+        if seconds is not None:
+            # A validated integer literal: SET takes no bound parameters.
+            session.execute(text(f"SET LOCAL {setting} = {milliseconds(seconds)}"))
