@@ -14,28 +14,26 @@ import inspect
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from ._config import (
-    RetryOn,
-    check_flag,
-    check_isolation,
-    check_retries,
-    check_retry_on,
-    check_wait_order,
-)
+from ._config import RetryOn
 from ._errors import ConfigError, UsageError
-from ._options import RETRY_ARGUMENTS, Options, check_nested, resolve
+from ._options import (
+    RETRY_ARGUMENTS,
+    UNSET,
+    Arguments,
+    Options,
+    check_nested,
+    resolve,
+)
 from ._retry import Retrying
 from ._savepoint import Savepoint
-from ._session import AsyncDatabase
+from ._session import prepare
 from ._state import AppState, app_state, async_database_of
-from ._timeouts import check_seconds
-from ._transaction import Attempt, current, current_on, prepare
+from ._transaction import Attempt, current, current_on
 from ._view import keep_request_body, rewind_request_body, vetoed
 
 if TYPE_CHECKING:
@@ -44,95 +42,50 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_UNSET: Any = object()
 
-
-class Atomic:
+class Atomic(Arguments):
     """A transaction boundary usable as a decorator and as a ``with`` block.
 
     Create it with :func:`atomic` or :meth:`FlaskTxn.atomic`. The object keeps
     no per-call state: it may be reused, nested and shared between threads.
     """
 
-    __slots__ = (
-        "_cached",
-        "_extension",
-        "deadline",
-        "deferrable",
-        "durable",
-        "explicit",
-        "isolation",
-        "lock_timeout",
-        "readonly",
-        "retries",
-        "retry_on",
-        "statement_timeout",
-        "wait_initial",
-        "wait_max",
-    )
+    __slots__ = ("_cached", "_extension")
 
     def __init__(
         self,
         *,
-        isolation: str | None = _UNSET,
-        retries: int = _UNSET,
-        wait_initial: float = _UNSET,
-        wait_max: float = _UNSET,
-        deadline: float | None = _UNSET,
+        isolation: str | None = UNSET,
+        retries: int = UNSET,
+        wait_initial: float = UNSET,
+        wait_max: float = UNSET,
+        deadline: float | None = UNSET,
         retry_on: RetryOn | None = None,
-        readonly: bool = _UNSET,
-        deferrable: bool = _UNSET,
+        readonly: bool = UNSET,
+        deferrable: bool = UNSET,
         statement_timeout: float | None = None,
         lock_timeout: float | None = None,
         durable: bool = False,
         _extension: Any = None,
     ) -> None:
-        given = {
-            "isolation": isolation,
-            "retries": retries,
-            "wait_initial": wait_initial,
-            "wait_max": wait_max,
-            "deadline": deadline,
-            "retry_on": _UNSET if retry_on is None else retry_on,
-            "readonly": readonly,
-            "deferrable": deferrable,
-        }
-        #: the names of the arguments given, which override the app's config.
-        self.explicit = frozenset(name for name, value in given.items() if value is not _UNSET)
+        super().__init__(
+            {
+                "isolation": isolation,
+                "retries": retries,
+                "wait_initial": wait_initial,
+                "wait_max": wait_max,
+                "deadline": deadline,
+                # None is retry_on's documented default: the same as not given.
+                "retry_on": UNSET if retry_on is None else retry_on,
+                "readonly": readonly,
+                "deferrable": deferrable,
+                "statement_timeout": statement_timeout,
+                "lock_timeout": lock_timeout,
+                "durable": durable,
+            }
+        )
         self._extension = _extension
         self._cached: tuple[Any, Any, bool, Options] | None = None
-        self.isolation = (
-            check_isolation("isolation", isolation) if isolation is not _UNSET else None
-        )
-        self.retries = check_retries("retries", retries) if retries is not _UNSET else None
-        self.wait_initial = _seconds("wait_initial", wait_initial)
-        self.wait_max = _seconds("wait_max", wait_max)
-        if self.wait_initial is not None and self.wait_max is not None:
-            check_wait_order("wait_max", self.wait_initial, self.wait_max)
-        self.deadline = (
-            check_seconds("deadline", deadline, optional=True, zero=False)
-            if deadline is not _UNSET
-            else None
-        )
-        self.retry_on = check_retry_on(retry_on)
-        self.readonly = check_flag("readonly", readonly) if readonly is not _UNSET else False
-        self.deferrable = (
-            check_flag("deferrable", deferrable) if deferrable is not _UNSET else False
-        )
-        self.durable = check_flag("durable", durable)
-        self.statement_timeout = check_seconds(
-            "statement_timeout", statement_timeout, optional=True, zero=False
-        )
-        self.lock_timeout = check_seconds("lock_timeout", lock_timeout, optional=True, zero=False)
-        if self.deferrable and not self.readonly:
-            raise ConfigError(
-                "'deferrable=True' needs 'readonly=True' (and isolation 'SERIALIZABLE'):"
-                " PostgreSQL only defers read-only serializable transactions."
-            )
-        if self.deferrable and "isolation" in self.explicit and self.isolation != "SERIALIZABLE":
-            raise ConfigError(
-                f"'deferrable=True' needs isolation 'SERIALIZABLE', got {self.isolation!r}."
-            )
 
     def __repr__(self) -> str:
         options = ", ".join(f"{name}={getattr(self, name)!r}" for name in sorted(self.explicit))
@@ -189,7 +142,9 @@ class Atomic:
             attempts = _retrying(
                 options,
                 state,
-                lambda number, started: _async_attempt(database, options, number, started),
+                lambda number, started: Attempt.on_new_async_session(
+                    database, options, number, started
+                ),
             )
             async for attempt in attempts:
                 async with attempt:
@@ -220,19 +175,8 @@ class Atomic:
             raise
         return session
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Literal[False]:
-        attempt = current()
-        assert attempt is not None, "__exit__ without __enter__"
-        # The innermost open block of this context: a nested one is a savepoint.
-        if attempt.savepoints:
-            attempt.savepoints[-1].__exit__(exc_type, exc, tb)
-        else:
-            attempt.__exit__(exc_type, exc, tb)
+    def __exit__(self, *exc_info: Any) -> Literal[False]:
+        _innermost().__exit__(*exc_info)
         return False
 
     async def __aenter__(self) -> AsyncSession:
@@ -243,7 +187,7 @@ class Atomic:
             return outer.user_session  # type: ignore[return-value]
         database = await async_database_of(state)
         options = self._options(state, database.sync_engine, retrying=False)
-        attempt = _async_attempt(database, options)
+        attempt = Attempt.on_new_async_session(database, options)
         await attempt.__aenter__()
         try:
             await attempt.run_sync(attempt.begin)
@@ -253,18 +197,8 @@ class Atomic:
             raise
         return attempt.user_session  # type: ignore[return-value]
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Literal[False]:
-        attempt = current()
-        assert attempt is not None, "__aexit__ without __aenter__"
-        if attempt.savepoints:
-            await attempt.savepoints[-1].__aexit__(exc_type, exc, tb)
-        else:
-            await attempt.__aexit__(exc_type, exc, tb)
+    async def __aexit__(self, *exc_info: Any) -> Literal[False]:
+        await _innermost().__aexit__(*exc_info)
         return False
 
     # -- shared --------------------------------------------------------------
@@ -316,8 +250,12 @@ class Atomic:
             )
 
 
-def _seconds(name: str, value: object) -> float | None:
-    return None if value is _UNSET else check_seconds(name, value)
+def _innermost() -> Attempt | Savepoint:
+    """The innermost block open in this context, which a ``with`` block's exit ends."""
+    attempt = current()
+    assert attempt is not None, "exit without enter"
+    # A nested block is a savepoint on the attempt of the outermost one.
+    return attempt.savepoints[-1] if attempt.savepoints else attempt
 
 
 def _retrying(
@@ -333,21 +271,6 @@ def _retrying(
         return make(number, started)
 
     return Retrying(start, state.settings.sleep)
-
-
-def _async_attempt(
-    database: AsyncDatabase, options: Options, number: int = 1, started: float | None = None
-) -> Attempt:
-    """An attempt on a new ``AsyncSession``, which the attempt closes when it ends."""
-    session = database.factory()
-    return Attempt(
-        session.sync_session,
-        database.sync_engine,
-        options,
-        number=number,
-        started=started,
-        user_session=session,
-    )
 
 
 def _refuse_unsupported(func: Callable[..., Any]) -> None:
@@ -370,18 +293,6 @@ def _refuse_mixing(outer: Attempt | None, *, async_block: bool) -> None:
         " sessions and connections, so the inner one would be a separate transaction"
         " that commits on its own. Make both sync or both async."
     )
-
-
-def current_async_session() -> AsyncSession:
-    """The ``AsyncSession`` of the innermost async atomic block of this task."""
-    attempt = current()
-    if attempt is None or not attempt.is_async:
-        raise UsageError(
-            "'async_session' is only available inside an async atomic block (an"
-            " '@atomic' coroutine or 'async with atomic():'), which opens and closes it"
-            " in the view's own event loop. Outside one, there is no session."
-        )
-    return attempt.user_session  # type: ignore[return-value]
 
 
 @overload

@@ -231,7 +231,7 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
-def check_retry_on(value: object) -> RetryOn | None:
+def check_retry_on(name: str, value: object) -> RetryOn | None:
     """``atomic(retry_on=...)``: exception classes, or a predicate on the exception."""
     if value is None or (callable(value) and not isinstance(value, type)):
         return value
@@ -239,7 +239,7 @@ def check_retry_on(value: object) -> RetryOn | None:
     if classes and all(isinstance(c, type) and issubclass(c, BaseException) for c in classes):
         return value  # type: ignore[return-value]
     raise ConfigError(
-        "'retry_on' must be an exception class, a tuple of exception classes, or a"
+        f"{name!r} must be an exception class, a tuple of exception classes, or a"
         f" callable(exception) -> bool, got {value!r}."
     )
 

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import _session
-from ._atomic import Atomic, current_async_session, decorate_or_open
+from ._atomic import Atomic, decorate_or_open
 from ._config import (
     DEFAULTS,
     Settings,
@@ -29,6 +29,7 @@ from ._errors import PendingWritesError, UsageError
 from ._listeners import watch
 from ._signals import send_rolled_back
 from ._state import EXTENSION_KEY, AppState, app_state
+from ._transaction import current_async_session
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine
@@ -17,33 +17,90 @@ from ._config import (
     Settings,
     StatusVeto,
     check_dialect_isolation,
+    check_flag,
+    check_isolation,
+    check_retries,
+    check_retry_on,
     check_wait_order,
 )
 from ._engine import SQLITE_BEGIN
 from ._errors import ConfigError, NestingError, UsageError
 from ._session import JOINED
-from ._timeouts import milliseconds
+from ._timeouts import check_seconds, milliseconds
 
+#: ``atomic()``'s default for an argument not given: the app's config decides.
+UNSET: Any = object()
+#: Arguments that, given, override a ``TXN_*`` key.
+OVERRIDES = (
+    "isolation",
+    "retries",
+    "wait_initial",
+    "wait_max",
+    "deadline",
+    "retry_on",
+    "readonly",
+    "deferrable",
+)
 #: Arguments that shape the retry loop: only an outermost decorated function has one.
 RETRY_ARGUMENTS = frozenset({"retries", "wait_initial", "wait_max", "deadline", "retry_on"})
 _POSTGRESQL_ONLY = ("readonly", "deferrable", "statement_timeout", "lock_timeout")
 
 
-class Arguments(Protocol):
-    """What :class:`~flask_txn.Atomic` was given, validated; None where not given."""
+class Arguments:
+    """What ``atomic()`` was given, validated: None (or False) where not given.
 
-    explicit: frozenset[str]
-    isolation: str | None
-    retries: int | None
-    wait_initial: float | None
-    wait_max: float | None
-    deadline: float | None
-    retry_on: RetryOn | None
-    readonly: bool
-    deferrable: bool
-    durable: bool
-    statement_timeout: float | None
-    lock_timeout: float | None
+    :param given: every argument by name, :data:`UNSET` where not given.
+    """
+
+    __slots__ = (
+        "deadline",
+        "deferrable",
+        "durable",
+        "explicit",
+        "isolation",
+        "lock_timeout",
+        "readonly",
+        "retries",
+        "retry_on",
+        "statement_timeout",
+        "wait_initial",
+        "wait_max",
+    )
+
+    def __init__(self, given: dict[str, Any]) -> None:
+        def unless_unset(check: Callable[[str, Any], Any], name: str, default: Any = None) -> Any:
+            value = given[name]
+            return default if value is UNSET else check(name, value)
+
+        #: the names of the arguments given, which override the app's config.
+        self.explicit = frozenset(name for name in OVERRIDES if given[name] is not UNSET)
+        self.isolation: str | None = unless_unset(check_isolation, "isolation")
+        self.retries: int | None = unless_unset(check_retries, "retries")
+        self.wait_initial: float | None = unless_unset(check_seconds, "wait_initial")
+        self.wait_max: float | None = unless_unset(check_seconds, "wait_max")
+        if self.wait_initial is not None and self.wait_max is not None:
+            check_wait_order("wait_max", self.wait_initial, self.wait_max)
+        self.deadline: float | None = unless_unset(_positive_or_none, "deadline")
+        self.retry_on: RetryOn | None = unless_unset(check_retry_on, "retry_on")
+        self.readonly: bool = unless_unset(check_flag, "readonly", False)
+        self.deferrable: bool = unless_unset(check_flag, "deferrable", False)
+        self.durable: bool = check_flag("durable", given["durable"])
+        self.statement_timeout = _positive_or_none("statement_timeout", given["statement_timeout"])
+        self.lock_timeout = _positive_or_none("lock_timeout", given["lock_timeout"])
+        if self.deferrable and not self.readonly:
+            raise ConfigError(
+                "'deferrable=True' needs 'readonly=True' (and isolation 'SERIALIZABLE'):"
+                " PostgreSQL only defers read-only serializable transactions."
+            )
+        if self.deferrable and "isolation" in self.explicit and self.isolation != "SERIALIZABLE":
+            raise ConfigError(
+                f"'deferrable=True' needs isolation 'SERIALIZABLE', got {self.isolation!r}."
+            )
+
+
+def _positive_or_none(name: str, value: object) -> float | None:
+    seconds: float | None = check_seconds(name, value, optional=True, zero=False)
+    return seconds
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 from sqlalchemy.exc import ResourceClosedError
 from sqlalchemy.orm import SessionTransaction
@@ -51,13 +52,8 @@ class Savepoint:
     async def __aenter__(self) -> None:
         await self.attempt.run_sync(self.__enter__)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.attempt.run_sync(self.__exit__, exc_type, exc, tb)
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.attempt.run_sync(self.__exit__, *exc_info)
 
     def _rollback(self) -> None:
         attempt = self.attempt

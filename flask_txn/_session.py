@@ -12,18 +12,24 @@ from flask import current_app, has_request_context, request
 from flask.globals import app_ctx
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
 from sqlalchemy.util import ScopedRegistry, ThreadLocalRegistry
 
 from ._config import Settings
 from ._engine import async_url, make_async_engine
-from ._errors import ConfigError, UsageError
+from ._errors import ConfigError, PendingWritesError, UsageError
+from ._retry import sqlstate_of
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 #: ``session.info`` keys: the session's :class:`Owner`, and whether it wrote.
 OWNER = "flask_txn.owner"
+#: libpq's PQTRANS_INERROR, reported by psycopg2 and psycopg 3 alike.
+_TRANSACTION_IN_ERROR = 3
+#: SQLSTATE of a statement sent in a transaction that an earlier error aborted.
+_IN_FAILED_TRANSACTION = "25P02"
 _WROTE = "flask_txn.wrote"
 
 #: ``session.info`` key that flask_txn.testing sets on sessions joined to a test's
@@ -87,6 +93,37 @@ def has_pending_writes(session: Session) -> bool:
     # Deleted and modified objects are persistent, so in the identity map: an
     # empty map (a view that ran SQL statements only) spares building both sets.
     return bool(session.identity_map) and bool(session.deleted or session.dirty)
+
+
+def prepare(session: Session) -> None:
+    """Before a block's first attempt: end a transaction of reads, refuse to lose writes."""
+    if session.in_transaction():
+        if has_pending_writes(session):
+            raise PendingWritesError(
+                "The session has uncommitted writes made before this atomic block began."
+                " Starting the block would have to commit or discard them. Commit them"
+                " first, or move them inside the block."
+            )
+        # Reads made before the block (a before_request hook, a user loader)
+        # hold a snapshot and maybe a different isolation level: start afresh.
+        session.rollback()
+
+
+def aborted(session: Session) -> bool:
+    """True if the database considers the open transaction failed, so that it
+    would turn COMMIT into a silent ROLLBACK (PostgreSQL does)."""
+    connection = session.connection()
+    info = getattr(connection.connection.driver_connection, "info", None)
+    status = getattr(info, "transaction_status", None)
+    if status is not None:  # psycopg2 and psycopg 3 report libpq's status
+        return bool(status == _TRANSACTION_IN_ERROR)
+    # Other drivers (asyncpg, sqlite3) do not: ask the database. Only done
+    # after an error, so the extra statement costs nothing on the hot path.
+    try:
+        connection.exec_driver_sql("SELECT 1")
+    except DBAPIError as exc:
+        return sqlstate_of(exc) == _IN_FAILED_TRANSACTION
+    return False
 
 
 def current_app_context() -> Any:

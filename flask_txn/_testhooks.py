@@ -8,10 +8,23 @@ the config keys ``TXN_RETRY_SLEEP`` and ``TXN_RETRY_RANDOM``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
+
+H = TypeVar("H")
+
+
+@contextlib.contextmanager
+def added(hooks: list[H], hook: H) -> Iterator[None]:
+    """Add ``hook`` to one of the lists below for the duration of the block."""
+    hooks.append(hook)
+    try:
+        yield
+    finally:
+        hooks.remove(hook)
 
 
 class TestHooks:

@@ -20,17 +20,16 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from flask import has_request_context, request
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
 from . import _signals
-from ._errors import AmbiguousCommitError, PendingWritesError, TransactionAbortedError, UsageError
+from ._callbacks import Callback, run_callbacks
+from ._errors import AmbiguousCommitError, TransactionAbortedError, UsageError
 from ._options import Options, apply
 from ._retry import (
     AMBIGUOUS_SQLSTATE,
@@ -39,7 +38,7 @@ from ._retry import (
     should_retry,
     sqlstate_of,
 )
-from ._session import current_app_object, has_pending_writes
+from ._session import AsyncDatabase, aborted, current_app_object
 from ._testhooks import hooks
 
 if TYPE_CHECKING:
@@ -47,14 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flask_txn")
 
-#: libpq's PQTRANS_INERROR, reported by psycopg2 and psycopg 3 alike.
-_TRANSACTION_IN_ERROR = 3
-#: SQLSTATE of a statement sent in a transaction that an earlier error aborted.
-_IN_FAILED_TRANSACTION = "25P02"
-
-#: An ``on_commit`` callback: the savepoints open when it was registered, the
-#: callable, and whether its exception is swallowed.
-Callback = tuple[tuple[Any, ...], Callable[[], object], bool]
 
 _current: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
     "flask_txn_attempt", default=None
@@ -64,6 +55,18 @@ _current: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
 def current() -> Attempt | None:
     """The attempt of the innermost outermost block open in this context, if any."""
     return _current.get()
+
+
+def current_async_session() -> AsyncSession:
+    """The ``AsyncSession`` of the innermost async atomic block of this task."""
+    attempt = _current.get()
+    if attempt is None or not attempt.is_async:
+        raise UsageError(
+            "'async_session' is only available inside an async atomic block (an"
+            " '@atomic' coroutine or 'async with atomic():'), which opens and closes it"
+            " in the view's own event loop. Outside one, there is no session."
+        )
+    return attempt.user_session  # type: ignore[return-value]
 
 
 def current_on(session: Session) -> Attempt | None:
@@ -160,6 +163,26 @@ class Attempt:
         #: seconds to wait before the next attempt, when this one asks for one.
         self.retry_delay: float | None = None
 
+    @classmethod
+    def on_new_async_session(
+        cls,
+        database: AsyncDatabase,
+        options: Options,
+        number: int = 1,
+        started: float | None = None,
+    ) -> Attempt:
+        """An attempt on a new ``AsyncSession``, which it closes when it ends."""
+        session = database.factory()
+        engine = database.sync_engine
+        return cls(
+            session.sync_session,
+            engine,
+            options,
+            number=number,
+            started=started,
+            user_session=session,
+        )
+
     @property
     def is_async(self) -> bool:
         """True when user code works through an ``AsyncSession``."""
@@ -181,12 +204,8 @@ class Attempt:
         self._token = _current.set(self)
         return self.user_session
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
+    def __exit__(self, *exc_info: Any) -> bool:
+        exc: BaseException | None = exc_info[1]
         try:
             ending = self._end(exc)
         finally:
@@ -196,12 +215,8 @@ class Attempt:
     async def __aenter__(self) -> Any:
         return self.__enter__()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
+    async def __aexit__(self, *exc_info: Any) -> bool:
+        exc: BaseException | None = exc_info[1]
         try:
             try:
                 ending = await self.run_sync(self._end, exc)
@@ -275,7 +290,7 @@ class Attempt:
                 " block to undo part of the work."
             )
         # PostgreSQL turns COMMIT of an aborted transaction into a silent ROLLBACK.
-        if self.last_error is not None and _aborted(session):
+        if self.last_error is not None and aborted(session):
             error = TransactionAbortedError(
                 "A database error aborted this transaction, but the function caught it and"
                 " returned normally, so nothing was committed. Let the error propagate, or"
@@ -367,7 +382,7 @@ class Attempt:
         if _signals.transaction_committed.receivers:
             _signals.send(_signals.transaction_committed, current_app_object(), **self.payload())
         if hooks.release(self.callbacks) and self.callbacks:
-            _run_callbacks(self.callbacks)
+            run_callbacks(self.callbacks)
 
     def payload(self) -> dict[str, Any]:
         """The keys every signal about this attempt carries."""
@@ -383,47 +398,3 @@ class Attempt:
 def _call(_session: Session, func: Callable[..., Any], *args: Any) -> Any:
     """``AsyncSession.run_sync``'s form: run ``func`` where the sync session may do I/O."""
     return func(*args)
-
-
-def _aborted(session: Session) -> bool:
-    """True if the database considers the open transaction failed, so that it
-    would turn COMMIT into a silent ROLLBACK (PostgreSQL does)."""
-    connection = session.connection()
-    info = getattr(connection.connection.driver_connection, "info", None)
-    status = getattr(info, "transaction_status", None)
-    if status is not None:  # psycopg2 and psycopg 3 report libpq's status
-        return bool(status == _TRANSACTION_IN_ERROR)
-    # Other drivers (asyncpg, sqlite3) do not: ask the database. Only done
-    # after an error, so the extra statement costs nothing on the hot path.
-    try:
-        connection.exec_driver_sql("SELECT 1")
-    except DBAPIError as exc:
-        return sqlstate_of(exc) == _IN_FAILED_TRANSACTION
-    return False
-
-
-def _run_callbacks(callbacks: list[Callback]) -> None:
-    first: BaseException | None = None
-    for _, func, robust in callbacks:
-        try:
-            func()
-        except Exception as exc:
-            log.exception("on_commit callback %r raised after the commit.", func)
-            if not robust and first is None:
-                first = exc
-    if first is not None:
-        raise first
-
-
-def prepare(session: Session) -> None:
-    """Before a block's first attempt: end a transaction of reads, refuse to lose writes."""
-    if session.in_transaction():
-        if has_pending_writes(session):
-            raise PendingWritesError(
-                "The session has uncommitted writes made before this atomic block began."
-                " Starting the block would have to commit or discard them. Commit them"
-                " first, or move them inside the block."
-            )
-        # Reads made before the block (a before_request hook, a user loader)
-        # hold a snapshot and maybe a different isolation level: start afresh.
-        session.rollback()

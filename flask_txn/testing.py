@@ -30,7 +30,7 @@ from ._errors import ConfigError, UsageError
 from ._session import JOINED
 from ._signals import transaction_committed, transaction_retrying, transaction_rolled_back
 from ._state import AppState, app_state
-from ._testhooks import hooks
+from ._testhooks import added, hooks
 
 __all__ = [
     "CapturedCallbacks",
@@ -155,11 +155,8 @@ class CapturedCallbacks:
 def txn_on_commit() -> Iterator[CapturedCallbacks]:
     """Collect ``on_commit`` callbacks instead of running them (set ``.execute`` to run too)."""
     captured = CapturedCallbacks()
-    hooks.captures.append(captured._capture)
-    try:
+    with added(hooks.captures, captured._capture):
         yield captured
-    finally:
-        hooks.captures.remove(captured._capture)
 
 
 class SignalRecorder:
@@ -286,11 +283,8 @@ def _raise_sqlite_locked(connection: Connection) -> None:
 def txn_faults() -> Iterator[Faults]:
     """Inject real retriable errors: ``txn_faults.fail_next(1)`` fails the next transaction."""
     faults = Faults()
-    hooks.injectors.append(faults._inject)
-    try:
+    with added(hooks.injectors, faults._inject):
         yield faults
-    finally:
-        hooks.injectors.remove(faults._inject)
 
 
 class QueryCounter:

@@ -28,8 +28,10 @@ from flask_txn import (
     sqlstate_of,
     transaction_committed,
     transaction_retrying,
+    transaction_rolled_back,
 )
 
+from . import tcpproxy
 from .conftest import Item
 
 TIMEOUT = 30
@@ -169,6 +171,96 @@ def test_async_savepoint_and_veto(async_app: Any) -> None:
     assert client.post("/nested").status_code == 200
     assert client.post("/veto").status_code == 409
     assert values(app, txn) == {1: 1, 2: 0}
+
+
+def test_nested_async_function_is_a_savepoint(async_app: Any) -> None:
+    """An ``@atomic`` coroutine awaited inside an async block is a savepoint: its
+    failure undoes its own work and drops its on_commit callbacks, not the outer's."""
+    app, txn = async_app
+    sent: list[str] = []
+
+    @atomic
+    async def inner(value: int) -> None:
+        (await txn.async_session.get(Item, 2)).value = value
+        on_commit(lambda: sent.append(f"inner {value}"))
+        if value < 0:
+            raise KeyError(value)
+
+    @app.post("/")
+    @atomic
+    async def outer() -> str:
+        (await txn.async_session.get(Item, 1)).value = 1
+        on_commit(lambda: sent.append("outer"))
+        await inner(5)
+        with pytest.raises(KeyError):
+            await inner(-5)
+        return "ok"
+
+    assert app.test_client().post("/").status_code == 200
+    assert values(app, txn) == {1: 1, 2: 5}
+    assert sent == ["outer", "inner 5"]
+
+
+def test_async_block_that_cannot_begin_rolls_back_and_raises(postgresql_url: str) -> None:
+    """An ``async with`` block whose connection cannot be made raises the connect
+    error, reports one rollback, and leaves no block open."""
+    target = sa.make_url(postgresql_url)
+    proxy = tcpproxy.FaultProxy(target.host or "127.0.0.1", target.port or 5432)
+    proxy.start()
+    refusing = Flask("refusing")
+    refusing.config.update(
+        TXN_DATABASE_URI=postgresql_url,
+        TXN_ASYNC_DATABASE_URI=target.set(
+            drivername="postgresql+psycopg", host="127.0.0.1", port=proxy.port
+        ),
+    )
+    refusing_txn = FlaskTxn(refusing)
+    reasons: list[str] = []
+
+    async def block() -> None:
+        async with atomic(isolation="SERIALIZABLE") as session:
+            await session.execute(sa.text("SELECT 1"))
+
+    async def block_then_on_commit() -> None:
+        with pytest.raises(sa.exc.OperationalError):
+            await block()
+        with pytest.raises(UsageError, match="outside of an atomic block"):
+            on_commit(lambda: None)
+
+    def rolled_back(_app: Any, *, reason: str, **_: Any) -> None:
+        reasons.append(reason)
+
+    try:
+        with refusing.app_context(), transaction_rolled_back.connected_to(rolled_back):
+            asyncio.run(block())  # connects once: the engine is set up
+            proxy.stop()  # from now on, every new connection is refused
+            asyncio.run(block_then_on_commit())
+    finally:
+        proxy.stop()
+        with refusing.app_context():
+            refusing_txn.engine.dispose()
+            asyncio.run(refusing_txn._states[refusing].async_database.engine.dispose())
+    assert reasons == ["error"]
+
+
+def test_async_retry_waits_without_blocking_the_loop(make_app: Any, postgresql_url: str) -> None:
+    """With the default TXN_RETRY_SLEEP (time.sleep), an async retry waits with asyncio.sleep."""
+    url = sa.make_url(postgresql_url).set(drivername="postgresql+psycopg")
+    app, txn = make_app(url, TXN_RETRY_WAIT_INITIAL=0.001, TXN_RETRY_WAIT_MAX=0.001)
+    calls = []
+
+    @app.post("/")
+    @atomic
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            await txn.async_session.execute(sa.text(FAIL_WITH.format(code="40001")))
+        txn.async_session.add(Item(id=3, name="retried"))
+        return "ok"
+
+    assert app.test_client().post("/").status_code == 200
+    assert len(calls) == 2
+    assert values(app, txn) == {3: 0}
 
 
 def test_async_with_block_and_isolation(async_app: Any) -> None:

@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from flask.ctx import AppContext
+from flask.globals import _cv_app
 from sqlalchemy.orm import Session, scoped_session
 
 from flask_txn import ConfigError, FlaskTxn, PendingWritesError, UsageError
 from flask_txn._config import DEFAULTS
 
-from .conftest import AppFactory, Item, count_items
+from .conftest import AppFactory, Base, Item, count_items
 
 #: A URL with a password, for messages only: nothing connects to it.
 SECRET_URL = "postgresql+psycopg2://user:s3cret@127.0.0.1:1/db"
@@ -814,6 +816,67 @@ def test_discard_raise_raises_pending_writes_error(discarding: Any) -> None:
         PendingWritesError, match=r"^Uncommitted writes were rolled back at app-context teardown"
     ):
         app.test_client().get("/leave")
+
+
+class NextFlaskAppContext(AppContext):
+    """An app context that ends as Flask's next release ends one: it passes itself,
+    then the exception, to ``do_teardown_appcontext``."""
+
+    def pop(self, exc: BaseException | None = None) -> None:  # type: ignore[override]
+        try:
+            self.app.do_teardown_appcontext(self, exc)  # type: ignore[call-arg]
+        finally:
+            _cv_app.reset(self._cv_tokens.pop())
+
+
+class NextFlask(Flask):
+    """Flask's next calling convention for teardown: context first."""
+
+    def do_teardown_appcontext(self, ctx: Any, exc: Any = None) -> None:  # type: ignore[override]
+        for func in reversed(self.teardown_appcontext_funcs):
+            self.ensure_sync(func)(exc)
+
+    def app_context(self) -> AppContext:
+        return NextFlaskAppContext(self)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_teardown_understands_the_context_first_convention(sqlite_url: str, fail: bool) -> None:
+    """Called as ``do_teardown_appcontext(ctx, exc)``, teardown still tells a failed
+    context from a clean one: 'raise' raises, unless the context ended with an error."""
+    app = NextFlask("next")
+    app.config.update(TXN_DATABASE_URI=sqlite_url, TXN_ON_DISCARD="raise")
+    txn = FlaskTxn(app)
+    with app.app_context():
+        Base.metadata.create_all(txn.engine)
+    ctx = app.app_context()
+    ctx.push()
+    txn.session.add(Item(name="left behind"))
+    if fail:
+        ctx.pop(LookupError("the context failed"))  # logged: the context's error is the news
+    else:
+        with pytest.raises(PendingWritesError, match=r"^Uncommitted writes were rolled back"):
+            ctx.pop(None)
+    assert count_items(app, txn) == 0
+    with app.app_context():
+        assert txn.engine.pool.checkedout() == 0
+        txn.engine.dispose()
+
+
+def test_teardown_called_bare_looks_at_the_exception_being_handled(discarding: Any) -> None:
+    """``do_teardown_appcontext()`` with no argument, as Flask's own method does,
+    takes the exception being handled: inside ``except`` it only logs."""
+    app, txn = discarding(TXN_ON_DISCARD="raise")
+    with app.app_context():
+        txn.session.add(Item(name="left behind"))
+        try:
+            raise LookupError("being handled")
+        except LookupError:
+            app.do_teardown_appcontext()
+        txn.session.add(Item(name="left behind again"))
+        with pytest.raises(PendingWritesError):
+            app.do_teardown_appcontext()
+    assert count_items(app, txn) == 0
 
 
 def test_discard_raise_keeps_the_view_error(discarding: Any) -> None:
