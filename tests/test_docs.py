@@ -102,3 +102,19 @@ def test_example_files_named_in_readme_and_quickstart_exist() -> None:
     }
     assert "examples/bank/app.py" in named
     assert sorted(path for path in named if not (ROOT / path).is_file()) == []
+
+
+def test_internals_page_names_every_module() -> None:
+    """docs/internals.md describes every module of the package, and no module that is gone."""
+    page = _read(DOCS / "internals.md")
+    modules = {path.stem for path in (ROOT / "flask_txn").glob("*.py")} - {"__init__"}
+    named = set(re.findall(r"^\| [^|]*\| ((?:`\w+`(?:, )?)+) \|", page, re.MULTILINE))
+    in_table = {name for cell in named for name in re.findall(r"`(\w+)`", cell)}
+    assert in_table == modules
+
+
+def test_contributing_links_the_internals_page() -> None:
+    """CONTRIBUTING.md points a contributor at docs/internals.md and gives the test command."""
+    contributing = _read(ROOT / "CONTRIBUTING.md")
+    assert "(docs/internals.md)" in contributing
+    assert _test_command() in contributing
