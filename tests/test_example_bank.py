@@ -374,6 +374,18 @@ def test_notification_is_sent_once_per_committed_transfer(bank: Flask) -> None:
     assert stats(bank)["transactions"]["outbox"] == ["Transfer 1: 100 from 1 to 2."]
 
 
+def test_notification_is_not_sent_for_an_attempt_that_is_re_run(
+    bank: Flask, txn_faults: Any
+) -> None:
+    """Two attempts of a transfer fail after the view ran (and registered its
+    notification): the outbox holds one notification, for the committed transfer."""
+    txn_faults.fail_next(2, endpoint="bank.transfer")
+    response = transfer(bank, "k1")
+    assert (response.status_code, txn_faults.injected) == (201, 2)
+    done = response.json
+    assert stats(bank)["transactions"]["outbox"] == [f"Transfer {done['id']}: 100 from 1 to 2."]
+
+
 # -- the app factory ------------------------------------------------------------------
 
 

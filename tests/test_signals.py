@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -234,3 +235,49 @@ def test_signal_comes_before_on_commit_callbacks(app_txn: Any) -> None:
     ):
         on_commit(lambda: order.append("callback"))
     assert order == ["signal", "callback"]
+
+
+def test_elapsed_counts_from_the_first_attempt_with_the_waits(make_app: Any) -> None:
+    """``elapsed`` is the seconds since the block's first attempt began, backoff waits
+    included: at the commit it covers every attempt and every wait, not the last one."""
+    slept: list[float] = []
+
+    def sleep(delay: float) -> None:
+        start = time.perf_counter()
+        time.sleep(delay)  # the wait under test, not a wait for another thread
+        slept.append(time.perf_counter() - start)
+
+    app, _ = make_app(
+        TXN_RETRY_SLEEP=sleep,
+        TXN_RETRY_RANDOM=lambda: 1.0,
+        TXN_RETRY_WAIT_INITIAL=0.01,
+        TXN_RETRY_WAIT_MAX=0.01,
+    )
+    marks: dict[str, float] = {}
+    seen: list[tuple[str, float, float]] = []
+
+    @atomic(retry_on=Conflict)
+    def work() -> None:
+        marks.setdefault("first began", time.perf_counter())
+        if len(slept) < 2:
+            raise Conflict
+        marks["last ended"] = time.perf_counter()
+
+    def receiver(name: str) -> Any:
+        def receive(_: Any, *, elapsed: float, **__: Any) -> None:
+            seen.append((name, elapsed, time.perf_counter()))
+
+        return receive
+
+    with ExitStack() as stack:
+        for name, signal in SIGNALS.items():
+            stack.enter_context(signal.connected_to(receiver(name), sender=app))
+        with app.app_context():
+            called = time.perf_counter()
+            work()
+    assert [name for name, _, _ in seen] == ["rolled_back", "retrying"] * 2 + ["committed"]
+    for _, elapsed, received in seen:
+        assert 0 < elapsed <= received - called
+    committed = seen[-1][1]
+    assert committed >= marks["last ended"] - marks["first began"] >= sum(slept) > 0
+    assert [elapsed for _, elapsed, _ in seen] == sorted(elapsed for _, elapsed, _ in seen)
