@@ -1,22 +1,28 @@
-"""What an async view costs under Flask: async @atomic against hand-written AsyncSession code.
+"""What an async view costs under Flask, per driver and pool, against a sync view.
 
 Run from the repository root: ``python -m benchmarks.async_views`` (``--rounds``,
-``--requests``). It starts a throwaway PostgreSQL (as the tests do) and calls
-four views through Flask's test client, interleaved round by round, each
-reading one row by primary key: hand-written ``async with factory.begin()`` on
-a NullPool engine (flask-txn's async default), ``@atomic`` on a coroutine, a
-hand-written view with a pooled engine per event loop (the alternative to
-NullPool), and a sync ``@atomic`` view on the pooled sync engine.
+``--requests``, ``--out``). It starts a throwaway PostgreSQL (as the tests do)
+and serves one view that reads one row by primary key from several apps, one
+per variant, through Flask's test client: sync ``@atomic`` on psycopg 3, and
+async ``@atomic`` on psycopg 3 (pooled across event loops, flask-txn's default,
+and ``NullPool``) and on asyncpg (``NullPool``, the only choice), plus
+hand-written ``AsyncSession`` code on ``NullPool`` as the reference. The
+variants run interleaved, round by round, first from one client thread, then
+from several at once. It reports requests per second and new database
+connections per request, and writes ``results.md`` and ``results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
+import json
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from flask import Flask
@@ -27,82 +33,174 @@ from flask_txn import FlaskTxn, atomic
 from tests import pgserver
 from tests.conftest import Base, Item
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def rate(call: Callable[[], object], requests: int) -> float:
-    """Requests per second over ``requests`` calls."""
+
+class Variant:
+    """One app serving ``GET /``, and a count of the connections its engine made."""
+
+    def __init__(self, name: str, app: Flask, engine: sa.Engine, close: Callable[[], None]) -> None:
+        self.name = name
+        self.client = app.test_client()
+        self.close = close
+        self.connects = 0
+        self._lock = threading.Lock()
+        sa.event.listen(engine.pool, "connect", self._connected)
+
+    def _connected(self, *_: Any) -> None:
+        with self._lock:
+            self.connects += 1
+
+    def get(self) -> None:
+        response = self.client.get("/")
+        assert response.status_code == 200, response.text
+
+
+def run(variant: Variant, requests: int, threads: int) -> tuple[float, float]:
+    """Requests per second, and new connections per request, over ``requests``
+    requests sent by ``threads`` client threads at once."""
+    barrier = threading.Barrier(threads + 1)
+
+    def client() -> None:
+        barrier.wait()
+        for _ in range(requests // threads):
+            variant.get()
+
+    workers = [threading.Thread(target=client) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    connects = variant.connects
+    barrier.wait()
     start = time.perf_counter()
-    for _ in range(requests):
-        call()
-    return requests / (time.perf_counter() - start)
+    for worker in workers:
+        worker.join()
+    elapsed = time.perf_counter() - start
+    done = requests // threads * threads
+    return done / elapsed, (variant.connects - connects) / done
 
 
-def build(url: sa.URL) -> tuple[Flask, FlaskTxn, list[Callable[[], None]]]:
-    """The app with the four views, and what to dispose of afterwards."""
-    app = Flask("async_views")
-    app.config["TXN_DATABASE_URI"] = url
-    txn = FlaskTxn(app)
-    null_engine = create_async_engine(url, poolclass=NullPool)
-    by_hand = async_sessionmaker(null_engine, expire_on_commit=False)
+def _flask_txn_app(name: str, url: sa.URL, **config: Any) -> tuple[Flask, FlaskTxn]:
+    app = Flask(name)
+    app.config.update(TXN_DATABASE_URI=url, **config)
+    return app, FlaskTxn(app)
 
-    @app.get("/hand-written")
+
+def variants(url: sa.URL) -> Iterator[Variant]:
+    """Every variant, each with its own app and engine."""
+    psycopg = url.set(drivername="postgresql+psycopg")
+    asyncpg = url.set(drivername="postgresql+asyncpg")
+
+    app, txn = _flask_txn_app("sync", psycopg)
+
+    @app.get("/")
+    @atomic
+    def sync_view() -> str:
+        return txn.session.get(Item, 1).name  # type: ignore[union-attr]
+
+    with app.app_context():
+        yield Variant("sync `@atomic`, psycopg 3, pooled", app, txn.engine, txn.engine.dispose)
+
+    for name, config in (
+        ("async `@atomic`, psycopg 3, pooled (default)", {}),
+        (
+            "async `@atomic`, psycopg 3, `NullPool`",
+            {"TXN_ASYNC_ENGINE_OPTIONS": {"poolclass": NullPool}},
+        ),
+        ("async `@atomic`, asyncpg, `NullPool` (default)", {"TXN_ASYNC_DATABASE_URI": asyncpg}),
+    ):
+        app, txn = _flask_txn_app(name, psycopg, **config)
+
+        @app.get("/")
+        @atomic
+        async def async_view(txn: FlaskTxn = txn) -> str:
+            return (await txn.async_session.get(Item, 1)).name  # type: ignore[union-attr]
+
+        database = txn._states[app].async_database
+        assert database is not None
+        yield Variant(
+            name, app, database.sync_engine, lambda d=database: asyncio.run(d.engine.dispose())
+        )
+
+    engine = create_async_engine(psycopg, poolclass=NullPool)
+    by_hand = async_sessionmaker(engine, expire_on_commit=False)
+    app = Flask("hand-written")
+
+    @app.get("/")
     async def hand_written() -> str:
         async with by_hand.begin() as session:
             return (await session.get(Item, 1)).name  # type: ignore[union-attr]
 
-    @app.get("/atomic")
-    @atomic
-    async def async_atomic() -> str:
-        return (await txn.async_session.get(Item, 1)).name  # type: ignore[union-attr]
-
-    @app.get("/pool-per-loop")
-    async def pool_per_loop() -> str:
-        engine = create_async_engine(url)  # a pool that lives as long as this loop
-        try:
-            async with async_sessionmaker(engine, expire_on_commit=False).begin() as session:
-                return (await session.get(Item, 1)).name  # type: ignore[union-attr]
-        finally:
-            await engine.dispose()
-
-    @app.get("/sync-atomic")
-    @atomic
-    def sync_atomic() -> str:
-        return txn.session.get(Item, 1).name  # type: ignore[union-attr]
-
-    return app, txn, [lambda: asyncio.run(null_engine.dispose())]
+    yield Variant(
+        "hand-written `async with factory.begin()`, psycopg 3, `NullPool`",
+        app,
+        engine.sync_engine,
+        lambda: asyncio.run(engine.dispose()),
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
-    parser.add_argument("--requests", type=int, default=200, help="requests per round (200)")
+    parser.add_argument("--requests", type=int, default=200, help="requests per run (200)")
+    parser.add_argument("--threads", type=int, default=4, help="client threads at once (4)")
+    parser.add_argument("--out", type=Path, help="folder for results.md and results.json")
     args = parser.parse_args()
     with pgserver.running() as server:
-        url = sa.make_url(server.url).set(drivername="postgresql+psycopg")
-        app, txn, cleanups = build(url)
-        with app.app_context():
-            Base.metadata.create_all(txn.engine)
-            with atomic():
-                txn.session.add(Item(id=1, name="x"))
-        client = app.test_client()
-        paths = ["/hand-written", "/atomic", "/pool-per-loop", "/sync-atomic"]
-        for path in paths:
-            rate(functools.partial(client.get, path), 20)  # warm up
-        rates: dict[str, list[float]] = {path: [] for path in paths}
-        for _ in range(args.rounds):
-            for path in paths:
-                rates[path].append(rate(functools.partial(client.get, path), args.requests))
-        base = statistics.median(rates["/hand-written"])
-        print(f"psycopg 3, {args.rounds} rounds x {args.requests} requests, medians\n")
-        print("| view | requests/s | min-max | ratio to hand-written |")
-        print("| --- | --- | --- | --- |")
-        for path, values in rates.items():
-            median = statistics.median(values)
-            spread = f"{min(values):,.0f}-{max(values):,.0f}"
-            print(f"| {path} | {median:,.0f} | {spread} | {median / base:.2f} |")
-        for cleanup in cleanups:
-            cleanup()
-        with app.app_context():
-            txn.engine.dispose()
+        url = sa.make_url(server.url)
+        engine = sa.create_engine(url)
+        Base.metadata.create_all(engine)
+        with engine.begin() as connection:
+            connection.execute(sa.insert(Item), [{"id": 1, "name": "x"}])
+            version = connection.scalar(sa.text("SHOW server_version"))
+        engine.dispose()
+        chosen = list(variants(url))
+        try:
+            table = _measure(chosen, args.rounds, args.requests, args.threads)
+        finally:
+            for variant in chosen:
+                variant.close()
+    lines = [
+        f"PostgreSQL {version}, {args.rounds} interleaved rounds of {args.requests}"
+        f" requests per variant, from 1 client thread and from {args.threads}; medians",
+        "",
+        "| variant | requests/s, 1 thread | requests/s, "
+        f"{args.threads} threads | new connections per request |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, row in table.items():
+        lines.append(
+            f"| {name} | {row['rate_1']:,.0f} | {row['rate_n']:,.0f} | {row['connects']:.2f} |"
+        )
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.md").write_text(report + "\n", encoding="utf-8")
+        (args.out / "results.json").write_text(json.dumps(table, indent=2) + "\n", "utf-8")
+
+
+def _measure(
+    chosen: list[Variant], rounds: int, requests: int, threads: int
+) -> dict[str, dict[str, float]]:
+    """Medians per variant: rates from 1 and ``threads`` threads, connections per request."""
+    for variant in chosen:
+        run(variant, 20, 1)  # warm up: first connections, dialect initialisation
+    samples: dict[str, dict[str, list[float]]] = {
+        v.name: {"rate_1": [], "rate_n": [], "connects": []} for v in chosen
+    }
+    for round_ in range(rounds):
+        # A new order each round, so that no variant always runs first.
+        order = chosen[round_ % len(chosen) :] + chosen[: round_ % len(chosen)]
+        for variant in order:
+            rate, connects = run(variant, requests, 1)
+            samples[variant.name]["rate_1"].append(rate)
+            samples[variant.name]["connects"].append(connects)
+            rate, _ = run(variant, requests, threads)
+            samples[variant.name]["rate_n"].append(rate)
+    return {
+        name: {key: statistics.median(values) for key, values in row.items()}
+        for name, row in samples.items()
+    }
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
@@ -109,20 +108,11 @@ class Atomic(Arguments):
                     return func(*args, **kwargs)
             options = self._options(state, state.engine, retrying=True)
             prepare(session)
-            attempts = _retrying(
-                options,
-                state,
-                lambda number, started: Attempt(
-                    session,
-                    state.engine,
-                    options,
-                    number=number,
-                    started=started,
-                    registry=state.registry,
-                ),
-            )
-            for attempt in attempts:
+            body = keep_request_body(options.policy)
+            first = Attempt(session, state.engine, options, registry=state.registry)
+            for attempt in Retrying(first, state.settings.sleep):
                 with attempt:
+                    rewind_request_body(body)
                     attempt.begin()
                     rv = func(*args, **kwargs)
                     attempt.vetoed = vetoed(rv, options.veto, atomic_call)
@@ -139,15 +129,11 @@ class Atomic(Arguments):
                     return await func(*args, **kwargs)
             database = await async_database_of(state)
             options = self._options(state, database.sync_engine, retrying=True)
-            attempts = _retrying(
-                options,
-                state,
-                lambda number, started: Attempt.on_new_async_session(
-                    database, options, number, started
-                ),
-            )
-            async for attempt in attempts:
+            body = keep_request_body(options.policy)
+            first = Attempt.on_new_async_session(database, options)
+            async for attempt in Retrying(first, state.settings.sleep):
                 async with attempt:
+                    rewind_request_body(body)
                     await attempt.run_sync(attempt.begin)
                     rv = await func(*args, **kwargs)
                     attempt.vetoed = vetoed(rv, options.veto, atomic_call)
@@ -258,21 +244,6 @@ def _innermost() -> Attempt | Savepoint:
     return attempt.savepoints[-1] if attempt.savepoints else attempt
 
 
-def _retrying(
-    options: Options, state: AppState, make: Callable[[int, float], Attempt]
-) -> Retrying[Attempt]:
-    """The retry loop of one call of a decorated function: each attempt made by
-    ``make(number, started)`` reads the request body from its start."""
-    body = keep_request_body(options.policy)
-    started = time.perf_counter()
-
-    def start(number: int) -> Attempt:
-        rewind_request_body(body)
-        return make(number, started)
-
-    return Retrying(start, state.settings.sleep)
-
-
 def _refuse_unsupported(func: Callable[..., Any]) -> None:
     """A generator's body would run after the transaction ended."""
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
@@ -293,6 +264,18 @@ def _refuse_mixing(outer: Attempt | None, *, async_block: bool) -> None:
         " sessions and connections, so the inner one would be a separate transaction"
         " that commits on its own. Make both sync or both async."
     )
+
+
+def current_async_session() -> AsyncSession:
+    """The ``AsyncSession`` of the innermost async atomic block of this task."""
+    attempt = current()
+    if attempt is None or not attempt.is_async:
+        raise UsageError(
+            "'async_session' is only available inside an async atomic block (an"
+            " '@atomic' coroutine or 'async with atomic():'), which opens and closes it"
+            " in the view's own event loop. Outside one, there is no session."
+        )
+    return attempt.user_session  # type: ignore[return-value]
 
 
 @overload

@@ -1,15 +1,23 @@
-"""Engines: flask-txn's per-dialect defaults under the user's options, sync and async."""
+"""Engines: flask-txn's per-dialect defaults under the user's options, sync and async.
+
+Flask runs each ``async def`` view in a new event loop, in a thread of its own.
+An async engine's pool must therefore hand a connection from one loop to the
+next: psycopg 3's connections allow it, and get :class:`LoopFreeQueuePool`;
+asyncpg's belong to the loop that made them, and are never pooled.
+"""
 
 from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool
+from sqlalchemy.util import queue
 
 from . import _timeouts
 from ._config import Settings
@@ -24,6 +32,12 @@ SQLITE_BEGIN = "flask_txn_sqlite_begin"
 
 #: Sync drivers whose own package also speaks asyncio under the same URL.
 _SAME_DRIVER_ASYNC = frozenset({"postgresql+psycopg"})
+#: Async drivers whose connections may serve one event loop after another.
+_LOOP_FREE_DRIVERS = frozenset({"psycopg"})
+#: create_engine() arguments that only a pool that keeps connections takes.
+_POOL_ARGUMENTS = frozenset(
+    {"pool_size", "max_overflow", "pool_timeout", "pool_recycle", "pool_use_lifo"}
+)
 
 # Every engine flask-txn made in this process, for disposal after a fork.
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -92,11 +106,21 @@ def async_url(settings: Settings) -> URL | None:
     return None
 
 
-def make_async_engine(settings: Settings, url: URL) -> AsyncEngine:
-    """The app's async engine; ``NullPool`` unless the user chose a pool.
+class LoopFreeQueuePool(AsyncAdaptedQueuePool):
+    """The async engine's pool for drivers whose connections may move between loops.
 
-    Flask runs each ``async def`` view in an event loop of its own, and a
-    connection made in one loop must not be handed to another.
+    SQLAlchemy's ``AsyncAdaptedQueuePool`` waits for a free connection on an
+    asyncio queue, which belongs to the first event loop that waited on it: a
+    request in any other loop would then fail. This pool waits on a thread lock
+    instead, which blocks only the waiting request, alone in its own loop and
+    thread as Flask runs it.
+    """
+
+    _queue_class = queue.Queue[ConnectionPoolEntry]
+
+
+def make_async_engine(settings: Settings, url: URL) -> AsyncEngine:
+    """The app's async engine: pooled across event loops where the driver allows it.
 
     :raises ImportError: SQLAlchemy's asyncio support (greenlet) is not installed.
     """
@@ -104,7 +128,56 @@ def make_async_engine(settings: Settings, url: URL) -> AsyncEngine:
     # extra), which a sync-only app need not install.
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    options = _timeouts.connect_options(
-        url, settings.timeouts, {"poolclass": NullPool, **settings.async_engine_options}
+    options = _async_pool_options(url, settings.async_engine_options)
+    # Only a pool that keeps connections makes a request wait for one.
+    with_timeouts = (
+        _timeouts.connect_options if options["poolclass"] is NullPool else _timeouts.engine_options
     )
-    return create_async_engine(url, **options)
+    try:
+        return create_async_engine(url, **with_timeouts(url, settings.timeouts, options))
+    except TypeError as exc:
+        # Only the names are shown: values (connect_args) may hold a password.
+        raise ConfigError(
+            f"'TXN_ASYNC_ENGINE_OPTIONS' has keys {sorted(settings.async_engine_options)!r}"
+            f" that sqlalchemy.ext.asyncio.create_async_engine() refused: {exc} Use keyword"
+            " arguments of create_async_engine() that this driver and pool accept, e.g."
+            " {'echo': True}."
+        ) from None
+
+
+def _async_pool_options(url: URL, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``TXN_ASYNC_ENGINE_OPTIONS`` with the pool flask-txn chooses, or an error
+    for a pool that would hand a connection to a loop it cannot serve."""
+    merged = dict(options)
+    poolclass = merged.get("poolclass")
+    driver = url.get_driver_name()
+    if driver in _LOOP_FREE_DRIVERS:
+        if poolclass is None:
+            merged["poolclass"] = LoopFreeQueuePool
+            merged.setdefault("pool_pre_ping", True)  # as the sync engine, see _dialect_defaults
+        elif not (
+            isinstance(poolclass, type) and issubclass(poolclass, LoopFreeQueuePool | NullPool)
+        ):
+            raise ConfigError(
+                f"'TXN_ASYNC_ENGINE_OPTIONS' sets 'poolclass' to {poolclass!r}, but Flask runs"
+                " each async view in a new event loop and that pool waits for connections"
+                " in one loop. Remove 'poolclass' (flask-txn pools psycopg connections"
+                " across loops, sized by 'pool_size' and 'max_overflow'), or set it to"
+                " sqlalchemy.pool.NullPool to connect per request."
+            )
+        return merged
+    given = {
+        key: value
+        for key, value in merged.items()
+        if key in _POOL_ARGUMENTS or (key == "poolclass" and value not in (None, NullPool))
+    }
+    if given:
+        raise ConfigError(
+            f"'TXN_ASYNC_ENGINE_OPTIONS' asks for a connection pool ({given!r}), but"
+            f" {driver}'s connections belong to the event loop that made them, and Flask"
+            " runs each async view in a new loop, so no connection can serve two requests."
+            " Remove the pool options (flask-txn connects per request, with NullPool), or"
+            " use psycopg 3 ('postgresql+psycopg://...'), whose connections flask-txn pools."
+        )
+    merged["poolclass"] = NullPool
+    return merged

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -15,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import _session
-from ._atomic import Atomic, decorate_or_open
+from ._atomic import Atomic, current_async_session, decorate_or_open
 from ._config import (
     DEFAULTS,
     Settings,
@@ -27,9 +26,8 @@ from ._config import (
 from ._engine import make_engine
 from ._errors import PendingWritesError, UsageError
 from ._listeners import watch
-from ._signals import send_rolled_back
+from ._signals import payload, send_rolled_back
 from ._state import EXTENSION_KEY, AppState, app_state
-from ._transaction import current_async_session
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -90,6 +88,8 @@ class FlaskTxn:
             async_database,
         )
         weakref.finalize(app, engine.dispose)
+        if async_database is not None:
+            weakref.finalize(app, async_database.close)
         app.extensions[EXTENSION_KEY] = self
         _always_remove_at_teardown(app, self)
 
@@ -151,11 +151,9 @@ def _report_discarded(
     endpoint = owner.endpoint
     send_rolled_back(
         app,
-        session=session,
-        attempt=1,
-        isolation=None,
-        endpoint=endpoint,
-        elapsed=time.perf_counter() - owner.created,
+        **payload(
+            session=session, attempt=1, isolation=None, endpoint=endpoint, started=owner.created
+        ),
         reason="teardown",
         error=None,
         sqlstate=None,

@@ -10,7 +10,8 @@ from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.orm import Session
 
 from ._errors import UsageError
-from ._retry import is_retryable
+from ._retry import is_retryable, sqlstate_of
+from ._session import IN_FAILED_TRANSACTION
 from ._transaction import Attempt, current, current_on
 
 
@@ -27,7 +28,9 @@ def record_error(context: ExceptionContext) -> None:
     if attempt is None or context.engine is not attempt.engine or context.is_pre_ping:
         return
     error = context.sqlalchemy_exception or context.original_exception
-    attempt.last_error = error
+    # "In failed transaction" follows the error that aborted it: keep that one.
+    if sqlstate_of(error) != IN_FAILED_TRANSACTION:
+        attempt.last_error = error
     reconnect = context.connection is None and _may_reconnect(attempt)
     if attempt.first_retriable_error is None and (
         context.is_disconnect or reconnect or is_retryable(error)

@@ -3,7 +3,8 @@
 :class:`Retrying` is the loop, written once: ``for attempt in Retrying(...)``
 in sync code, ``async for`` in async code; the two differ only in how they wait.
 Each attempt is run by its caller and says, as it ends, whether to re-run it
-(:attr:`Attempt.retry_delay`), so the loop knows nothing of transactions.
+(:attr:`Attempt.retry_delay`), and makes the next one (:meth:`Attempt.next`),
+so the loop knows nothing of transactions.
 
 Errors are classified by the driver's error code, never by class name, so the
 same table serves every driver that reports the code:
@@ -26,10 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, Self, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
@@ -148,6 +148,10 @@ class Attempt(Protocol):
     #: seconds to wait before the next attempt; None when this one was the last.
     retry_delay: float | None
 
+    def next(self) -> Self:
+        """The attempt that runs the same work again."""
+        ...
+
 
 A = TypeVar("A", bound=Attempt)
 
@@ -156,25 +160,26 @@ class Retrying(Generic[A]):
     """The retry loop: yields attempts, waiting between them, while the last one
     ended asking to be re-run.
 
-    :param start: makes attempt number ``n`` (from 1).
+    :param first: the first attempt; each next one is made by the one before.
     :param sleep: waits a number of seconds (``TXN_RETRY_SLEEP``); in ``async
         for``, it may return an awaitable.
     """
 
-    __slots__ = ("_sleep", "_start")
+    __slots__ = ("_first", "_sleep")
 
-    def __init__(self, start: Callable[[int], A], sleep: Callable[[float], object]) -> None:
-        self._start = start
+    def __init__(self, first: A, sleep: Callable[[float], object]) -> None:
+        self._first = first
         self._sleep = sleep
 
     def _steps(self) -> Iterator[A | float]:
         """Each attempt, then the seconds to wait before the next, while there is one."""
-        for number in itertools.count(1):  # pragma: no branch - left by return
-            attempt = self._start(number)
+        attempt = self._first
+        while True:
             yield attempt
             if attempt.retry_delay is None:
                 return
             yield float(attempt.retry_delay)
+            attempt = attempt.next()
 
     def __iter__(self) -> Iterator[A]:
         for step in self._steps():

@@ -29,7 +29,7 @@ OWNER = "flask_txn.owner"
 #: libpq's PQTRANS_INERROR, reported by psycopg2 and psycopg 3 alike.
 _TRANSACTION_IN_ERROR = 3
 #: SQLSTATE of a statement sent in a transaction that an earlier error aborted.
-_IN_FAILED_TRANSACTION = "25P02"
+IN_FAILED_TRANSACTION = "25P02"
 _WROTE = "flask_txn.wrote"
 
 #: ``session.info`` key that flask_txn.testing sets on sessions joined to a test's
@@ -122,7 +122,7 @@ def aborted(session: Session) -> bool:
     try:
         connection.exec_driver_sql("SELECT 1")
     except DBAPIError as exc:
-        return sqlstate_of(exc) == _IN_FAILED_TRANSACTION
+        return sqlstate_of(exc) == IN_FAILED_TRANSACTION
     return False
 
 
@@ -191,9 +191,26 @@ class AsyncDatabase:
                 asyncio.run(self._connect())
                 self._connected = True
 
+    def close(self) -> None:
+        """Close the pooled connections, from any thread, inside a running loop or not.
+
+        Runs when the app is garbage collected: a psycopg connection left open
+        then would warn, and SQLAlchemy can only close it in an event loop.
+        """
+        if asyncio._get_running_loop() is None:
+            asyncio.run(self.engine.dispose())
+            return
+        # This thread's loop is busy: close them in a loop of their own.
+        closer = threading.Thread(target=asyncio.run, args=(self.engine.dispose(),))
+        closer.start()
+        closer.join()
+
     async def _connect(self) -> None:
         async with self.engine.connect():
             pass
+        # A pooled connection made in this loop would be handed to a view's loop
+        # later: close it here, in its own loop.
+        await self.engine.dispose()
 
 
 def _refuse_in_event_loop() -> None:

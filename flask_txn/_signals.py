@@ -8,6 +8,7 @@ the other receivers, or the retry loop.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from blinker import NamedSignal, Namespace
@@ -36,6 +37,19 @@ transaction_retrying: NamedSignal = _signals.signal("transaction-retrying")
 Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``,
 ``error``, ``sqlstate``, ``delay``, ``final``.
 """
+
+
+def payload(
+    *, session: Any, attempt: int, isolation: str | None, endpoint: str | None, started: float
+) -> dict[str, Any]:
+    """The keys every flask-txn signal carries; ``started`` is a ``time.perf_counter()``."""
+    return {
+        "session": session,
+        "attempt": attempt,
+        "isolation": isolation,
+        "endpoint": endpoint,
+        "elapsed": time.perf_counter() - started,
+    }
 
 
 def send(signal: NamedSignal, sender: Any, **payload: Any) -> None:

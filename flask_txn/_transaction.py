@@ -57,18 +57,6 @@ def current() -> Attempt | None:
     return _current.get()
 
 
-def current_async_session() -> AsyncSession:
-    """The ``AsyncSession`` of the innermost async atomic block of this task."""
-    attempt = _current.get()
-    if attempt is None or not attempt.is_async:
-        raise UsageError(
-            "'async_session' is only available inside an async atomic block (an"
-            " '@atomic' coroutine or 'async with atomic():'), which opens and closes it"
-            " in the view's own event loop. Outside one, there is no session."
-        )
-    return attempt.user_session  # type: ignore[return-value]
-
-
 def current_on(session: Session) -> Attempt | None:
     """The attempt open on ``session`` in this context: None if there is none, or if
     the open one uses another session (another app's, or another app context's)."""
@@ -104,6 +92,7 @@ class Attempt:
         "_token",
         "callbacks",
         "committing",
+        "database",
         "engine",
         "first_retriable_error",
         "last_error",
@@ -129,6 +118,7 @@ class Attempt:
         started: float | None = None,
         registry: ScopedRegistry[Session] | None = None,
         user_session: AsyncSession | None = None,
+        database: AsyncDatabase | None = None,
     ) -> None:
         #: the sync session that does the work.
         self.session = session
@@ -145,6 +135,8 @@ class Attempt:
         self.started = time.perf_counter() if started is None else started
         #: where ``session`` must still be current when the block ends (sync only).
         self.registry = registry
+        #: where a re-run gets its new ``AsyncSession`` (async only).
+        self.database = database
         #: (savepoints open at registration, callback, robust), in order.
         self.callbacks: list[Callback] = []
         #: the open nested blocks (``_savepoint.Savepoint``), innermost last.
@@ -173,14 +165,29 @@ class Attempt:
     ) -> Attempt:
         """An attempt on a new ``AsyncSession``, which it closes when it ends."""
         session = database.factory()
-        engine = database.sync_engine
         return cls(
             session.sync_session,
-            engine,
+            database.sync_engine,
             options,
             number=number,
             started=started,
             user_session=session,
+            database=database,
+        )
+
+    def next(self) -> Attempt:
+        """The attempt that re-runs this block: in async code, on a new ``AsyncSession``."""
+        if self.database is not None:
+            return self.on_new_async_session(
+                self.database, self.options, self.number + 1, self.started
+            )
+        return Attempt(
+            self.session,
+            self.engine,
+            self.options,
+            number=self.number + 1,
+            started=self.started,
+            registry=self.registry,
         )
 
     @property
@@ -274,13 +281,6 @@ class Attempt:
                 f"The session was removed inside {kind}, so the transaction was lost."
                 " Do not call 'session.remove()' inside a block."
             )
-        try:
-            hooks.before_commit(session)
-            # Ordinary errors (constraints, triggers) surface here, before COMMIT,
-            # so that only COMMIT itself can leave an outcome unknown.
-            session.flush()
-        except Exception as exc:
-            return exc
         if session.get_transaction() is not self.root:
             return UsageError(
                 "The transaction was rolled back inside the atomic block (session.rollback()"
@@ -289,7 +289,12 @@ class Attempt:
                 " transaction inside a block: raise instead, or use a nested 'atomic'"
                 " block to undo part of the work."
             )
-        # PostgreSQL turns COMMIT of an aborted transaction into a silent ROLLBACK.
+        try:
+            hooks.before_commit(session)
+        except Exception as exc:
+            return exc
+        # PostgreSQL turns COMMIT of an aborted transaction into a silent ROLLBACK,
+        # and a flush there fails with 25P02, which would hide the error that aborted it.
         if self.last_error is not None and aborted(session):
             error = TransactionAbortedError(
                 "A database error aborted this transaction, but the function caught it and"
@@ -298,6 +303,12 @@ class Attempt:
             )
             error.__cause__ = self.last_error
             return error
+        try:
+            # Ordinary errors (constraints, triggers) surface here, before COMMIT,
+            # so that only COMMIT itself can leave an outcome unknown.
+            session.flush()
+        except Exception as exc:
+            return exc
         self.committing = True
         try:
             session.commit()
@@ -386,13 +397,13 @@ class Attempt:
 
     def payload(self) -> dict[str, Any]:
         """The keys every signal about this attempt carries."""
-        return {
-            "session": self.user_session,
-            "attempt": self.number,
-            "isolation": self.options.isolation,
-            "endpoint": request.endpoint if has_request_context() else None,
-            "elapsed": time.perf_counter() - self.started,
-        }
+        return _signals.payload(
+            session=self.user_session,
+            attempt=self.number,
+            isolation=self.options.isolation,
+            endpoint=request.endpoint if has_request_context() else None,
+            started=self.started,
+        )
 
 
 def _call(_session: Session, func: Callable[..., Any], *args: Any) -> Any:

@@ -6,6 +6,7 @@ server instead of starting one.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from collections import Counter
@@ -91,6 +92,9 @@ def make_app(database_url: str) -> Iterator[AppFactory]:
             engine = txn.engine
         assert engine.pool.checkedout() == 0, "a test leaked a connection"
         engine.dispose()
+        database = txn._states[app].async_database
+        if database is not None:
+            asyncio.run(database.engine.dispose())  # pooled psycopg 3 connections
 
 
 @pytest.fixture

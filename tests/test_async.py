@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import re
 import sys
 import threading
 from collections import Counter
@@ -16,6 +18,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from flask import Flask, request
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.util import queue
 
 from flask_txn import (
     ConfigError,
@@ -30,6 +34,7 @@ from flask_txn import (
     transaction_retrying,
     transaction_rolled_back,
 )
+from flask_txn._engine import LoopFreeQueuePool
 
 from . import tcpproxy
 from .conftest import Item
@@ -68,33 +73,48 @@ def async_app(request: pytest.FixtureRequest, make_app: Any, postgresql_url: str
     with app.app_context(), atomic():
         txn.session.add_all([Item(id=1, name="a"), Item(id=2, name="b")])
     pool = txn._states[app].async_database.engine.sync_engine.pool
-    opened = OpenConnections()
-    sa.event.listen(pool, "connect", opened.connected)
-    sa.event.listen(pool, "close", opened.closed)
-    app.extensions["test-open-connections"] = opened
+    connections = AsyncConnections()
+    for name in ("connect", "close", "checkout", "checkin"):
+        sa.event.listen(pool, name, getattr(connections, name))
+    app.extensions["test-async-connections"] = connections
     yield app, txn
-    assert opened.count == 0, "an async connection outlived its request"
+    assert connections.held == 0, "a request kept its async connection"
+    asyncio.run(txn._states[app].async_database.engine.dispose())
+    assert connections.open == 0, "an async connection outlived its engine"
 
 
-class OpenConnections:
-    """Counts the async engine's DBAPI connections opened and not yet closed (client side)."""
+class AsyncConnections:
+    """The async engine's DBAPI connections: made and not yet closed (``open``), and
+    checked out by a request and not yet returned (``held``). Under NullPool the two
+    are the same; a pool keeps connections open between requests."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.open = 0
+        self.held = 0
+        self.made = 0
         self.lock = threading.Lock()
 
-    def connected(self, *_: Any) -> None:
+    def connect(self, *_: Any) -> None:
         with self.lock:
-            self.count += 1
+            self.open += 1
+            self.made += 1
 
-    def closed(self, *_: Any) -> None:
+    def close(self, *_: Any) -> None:
         with self.lock:
-            self.count -= 1
+            self.open -= 1
+
+    def checkout(self, *_: Any) -> None:
+        with self.lock:
+            self.held += 1
+
+    def checkin(self, *_: Any) -> None:
+        with self.lock:
+            self.held -= 1
 
 
 def async_connections(app: Flask) -> int:
-    """The async engine's connections that are open right now."""
-    return int(app.extensions["test-open-connections"].count)
+    """The async engine's connections that a request holds right now."""
+    return int(app.extensions["test-async-connections"].held)
 
 
 def values(app: Flask, txn: Any) -> dict[int, int]:
@@ -572,3 +592,217 @@ def test_retries_on_an_async_block_are_refused(async_app: Any) -> None:
 
     with app.app_context(), pytest.raises(ConfigError, match="'retries' cannot be used"):
         asyncio.run(block())
+
+
+# -- pooled async connections across Flask's per-request event loops ---------------
+
+
+class SignallingQueue(queue.Queue[Any]):
+    """The pool's queue, telling a test when a request is about to wait in it."""
+
+    about_to_wait = threading.Event()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        with self.mutex:
+            if self._empty():
+                self.about_to_wait.set()
+        return super().get(block, timeout)
+
+
+class SignallingPool(LoopFreeQueuePool):
+    _queue_class = SignallingQueue
+
+
+def pooled_psycopg_app(make_app: Any, postgresql_url: str, **options: Any) -> Any:
+    """An app on psycopg 3 whose async engine keeps one connection, with the counters."""
+    url = sa.make_url(postgresql_url).set(drivername="postgresql+psycopg")
+    app, txn = make_app(
+        url, TXN_ASYNC_ENGINE_OPTIONS={"pool_size": 1, "max_overflow": 0, **options}
+    )
+    with app.app_context(), atomic():
+        txn.session.add(Item(id=1, name="counter"))
+    connections = AsyncConnections()
+    pool = txn._states[app].async_database.sync_engine.pool
+    for name in ("connect", "close", "checkout", "checkin"):
+        sa.event.listen(pool, name, getattr(connections, name))
+
+    @app.post("/add")
+    @atomic
+    async def add() -> str:
+        item = await txn.async_session.get(Item, 1)
+        item.value += 1
+        return str(item.value)
+
+    return app, txn, connections
+
+
+def test_one_pooled_connection_serves_request_after_request(
+    make_app: Any, postgresql_url: str
+) -> None:
+    """psycopg 3: a pool of one connection serves sequential requests, each in its own
+    event loop; the connection is made once and handed from loop to loop."""
+    app, txn, connections = pooled_psycopg_app(make_app, postgresql_url)
+    asyncio.run(txn._states[app].async_database.connected())  # the engine's set-up
+    made = connections.made
+    client = app.test_client()
+    assert [client.post("/add").text for _ in range(5)] == ["1", "2", "3", "4", "5"]
+    assert (connections.made - made, connections.held) == (1, 0)
+
+
+def test_one_pooled_connection_under_concurrent_requests(
+    make_app: Any, postgresql_url: str
+) -> None:
+    """psycopg 3: while one request holds the only connection, another waits for it in
+    the pool (in its own loop and thread) and gets it when the first returns it."""
+    app, txn, connections = pooled_psycopg_app(make_app, postgresql_url, poolclass=SignallingPool)
+    holding, release = threading.Event(), threading.Event()
+
+    @app.post("/hold")
+    @atomic
+    async def hold() -> str:
+        (await txn.async_session.get(Item, 1)).value += 10
+        holding.set()
+        release.wait(TIMEOUT)  # blocks only this request's own loop and thread
+        return "held"
+
+    asyncio.run(txn._states[app].async_database.connected())  # the engine's set-up
+    made = connections.made
+    SignallingQueue.about_to_wait.clear()
+    responses: list[Any] = []
+    first = threading.Thread(target=lambda: responses.append(app.test_client().post("/hold")))
+    first.start()
+    assert holding.wait(TIMEOUT)
+    second = threading.Thread(target=lambda: responses.append(app.test_client().post("/add")))
+    second.start()
+    assert SignallingQueue.about_to_wait.wait(TIMEOUT)
+    release.set()
+    for thread in (first, second):
+        thread.join(TIMEOUT)
+    assert sorted(r.text for r in responses) == ["11", "held"]
+    assert (connections.made - made, connections.held) == (1, 0)
+
+
+def test_async_set_up_leaves_no_connection_of_its_own_loop(
+    make_app: Any, postgresql_url: str
+) -> None:
+    """The engine's first connection, made in a loop of its own, is closed there:
+    no later request's loop can get it from the pool."""
+    app, txn, connections = pooled_psycopg_app(make_app, postgresql_url)
+    asyncio.run(txn._states[app].async_database.connected())
+    assert (connections.made, connections.open) == (1, 0)
+    assert app.test_client().post("/add").text == "1"
+    assert (connections.made, connections.open, connections.held) == (2, 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"pool_size": 1, "max_overflow": 0},
+            "asks for a connection pool ({'pool_size': 1, 'max_overflow': 0}), but asyncpg's"
+            " connections belong to the event loop that made them",
+        ),
+        (
+            {"poolclass": AsyncAdaptedQueuePool},
+            "asks for a connection pool ({'poolclass': <class"
+            " 'sqlalchemy.pool.impl.AsyncAdaptedQueuePool'>}), but asyncpg's",
+        ),
+    ],
+)
+def test_asyncpg_pool_is_refused(
+    make_app: Any, postgresql_url: str, options: dict[str, Any], message: str
+) -> None:
+    """asyncpg's connections cannot outlive their loop: a pool is refused at init_app."""
+    asyncpg = sa.make_url(postgresql_url).set(drivername="postgresql+asyncpg")
+    with pytest.raises(ConfigError, match=re.escape(f"'TXN_ASYNC_ENGINE_OPTIONS' {message}")):
+        make_app(TXN_ASYNC_DATABASE_URI=asyncpg, TXN_ASYNC_ENGINE_OPTIONS=options)
+
+
+def test_psycopg_loop_bound_pool_is_refused(make_app: Any, postgresql_url: str) -> None:
+    """SQLAlchemy's asyncio pool waits in one loop: refused, naming the way out."""
+    url = sa.make_url(postgresql_url).set(drivername="postgresql+psycopg")
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "'TXN_ASYNC_ENGINE_OPTIONS' sets 'poolclass' to <class"
+            " 'sqlalchemy.pool.impl.AsyncAdaptedQueuePool'>, but Flask runs each async view in"
+            " a new event loop"
+        ),
+    ):
+        make_app(url, TXN_ASYNC_ENGINE_OPTIONS={"poolclass": AsyncAdaptedQueuePool})
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_bad_async_engine_option_is_a_config_error(
+    make_app: Any, postgresql_url: str, driver: str
+) -> None:
+    """An option create_async_engine() refuses is a ConfigError naming the key."""
+    async_url = sa.make_url(postgresql_url).set(drivername=f"postgresql+{driver}")
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "'TXN_ASYNC_ENGINE_OPTIONS' has keys ['echo_poll'] that"
+            " sqlalchemy.ext.asyncio.create_async_engine() refused:"
+        ),
+    ):
+        make_app(TXN_ASYNC_DATABASE_URI=async_url, TXN_ASYNC_ENGINE_OPTIONS={"echo_poll": True})
+
+
+def test_swallowed_error_with_a_pending_orm_write_in_an_async_view(async_app: Any) -> None:
+    """A caught error, then an unflushed ORM write: TransactionAbortedError caused by
+    the original error (23505), not the flush's 25P02, and nothing committed."""
+    app, txn = async_app
+
+    @atomic
+    async def swallow() -> None:
+        with contextlib.suppress(sa.exc.IntegrityError):
+            await txn.async_session.execute(
+                sa.text("INSERT INTO item (id, name, value) VALUES (1, 'again', 0)")
+            )
+        txn.async_session.add(Item(id=30, name="pending"))
+
+    with app.app_context(), pytest.raises(TransactionAbortedError) as raised:
+        asyncio.run(swallow())
+    assert sqlstate_of(raised.value.__cause__) == "23505"
+    assert values(app, txn) == {1: 0, 2: 0}
+
+
+def test_pooled_connections_are_closed_when_the_app_goes(postgresql_url: str) -> None:
+    """The app's async pool is closed when the app is garbage collected: no psycopg
+    connection is left to be deleted while open (a ResourceWarning, an error here)."""
+    url = sa.make_url(postgresql_url).set(drivername="postgresql+psycopg")
+    app = Flask("collected")
+    app.config["TXN_DATABASE_URI"] = url
+    txn = FlaskTxn(app)
+
+    @app.get("/")
+    @atomic
+    async def one() -> str:
+        return str(await txn.async_session.scalar(sa.text("SELECT 1")))
+
+    connections = AsyncConnections()
+    for name in ("connect", "close"):
+        sa.event.listen(
+            txn._states[app].async_database.sync_engine.pool, name, getattr(connections, name)
+        )
+    assert app.test_client().get("/").text == "1"
+    with app.app_context():
+        txn.engine.dispose()
+    assert connections.open == 1
+    del app, one
+    gc.collect()
+    assert connections.open == 0
+
+
+def test_pool_closes_from_inside_a_running_loop(make_app: Any, postgresql_url: str) -> None:
+    """Closing the pool where an event loop runs (a collection inside an async view)
+    closes its connections in a loop of their own."""
+    app, txn, connections = pooled_psycopg_app(make_app, postgresql_url)
+    assert app.test_client().post("/add").text == "1"
+    assert connections.open == 1
+
+    async def close_here() -> None:
+        txn._states[app].async_database.close()
+
+    asyncio.run(close_here())
+    assert connections.open == 0

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from flask_txn import TransactionAbortedError, atomic
+from flask_txn import TransactionAbortedError, atomic, sqlstate_of
 
 from .conftest import Item, count_items
 
@@ -130,3 +130,24 @@ def test_swallowed_error_in_a_view_is_not_a_200(make_app: Any) -> None:
     app.testing = False
     assert app.test_client().post("/").status_code == 500
     assert count_items(app, txn) == 0
+
+
+def test_swallowed_error_with_a_pending_orm_write(make_app: Any) -> None:
+    """A caught error followed by an unflushed ORM write: the block raises
+    TransactionAbortedError caused by the original error, not the flush's 25P02."""
+    app, txn = make_app()
+    with app.app_context(), atomic():
+        txn.session.add(Item(id=1, name="first"))
+
+    @atomic
+    def swallow() -> None:
+        with contextlib.suppress(sa.exc.IntegrityError):
+            txn.session.execute(
+                sa.text("INSERT INTO item (id, name, value) VALUES (1, 'again', 0)")
+            )
+        txn.session.add(Item(id=2, name="pending"))
+
+    with app.app_context(), pytest.raises(TransactionAbortedError) as raised:
+        swallow()
+    assert sqlstate_of(raised.value.__cause__) == "23505"
+    assert count_items(app, txn) == 1

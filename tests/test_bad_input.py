@@ -309,6 +309,21 @@ TABLE = [
         says=("'TXN_ASYNC_ENGINE_OPTIONS'", "['echo']", "a dict of keyword arguments"),
         keys=("TXN_ASYNC_ENGINE_OPTIONS",),
     ),
+    Row(
+        "async-engine-options-unknown",
+        ConfigError,
+        "init_app",
+        "test_async.py::test_bad_async_engine_option_is_a_config_error",
+    ),
+    Row(
+        "async-pool-asyncpg", ConfigError, "init_app", "test_async.py::test_asyncpg_pool_is_refused"
+    ),
+    Row(
+        "async-poolclass-psycopg",
+        ConfigError,
+        "init_app",
+        "test_async.py::test_psycopg_loop_bound_pool_is_refused",
+    ),
     Row("unknown-key", ConfigError, "init_app", f"{BAD_CONFIG}[unknown-key]"),
     Row(
         "unknown-option",
