@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -53,7 +54,8 @@ class Variant:
 
     def get(self) -> None:
         response = self.client.get("/")
-        assert response.status_code == 200, response.text
+        if response.status_code != 200:
+            raise RuntimeError(f"{self.name}: {response.status_code} {response.text}")
 
 
 def run(variant: Variant, requests: int, threads: int) -> tuple[float, float]:
@@ -61,10 +63,15 @@ def run(variant: Variant, requests: int, threads: int) -> tuple[float, float]:
     requests sent by ``threads`` client threads at once."""
     barrier = threading.Barrier(threads + 1)
 
+    failures: list[BaseException] = []
+
     def client() -> None:
         barrier.wait()
-        for _ in range(requests // threads):
-            variant.get()
+        try:
+            for _ in range(requests // threads):
+                variant.get()
+        except BaseException as exc:
+            failures.append(exc)
 
     workers = [threading.Thread(target=client) for _ in range(threads)]
     for worker in workers:
@@ -75,6 +82,8 @@ def run(variant: Variant, requests: int, threads: int) -> tuple[float, float]:
     for worker in workers:
         worker.join()
     elapsed = time.perf_counter() - start
+    if failures:
+        raise failures[0]
     done = requests // threads * threads
     return done / elapsed, (variant.connects - connects) / done
 
@@ -90,15 +99,16 @@ def variants(url: sa.URL) -> Iterator[Variant]:
     psycopg = url.set(drivername="postgresql+psycopg")
     asyncpg = url.set(drivername="postgresql+asyncpg")
 
-    app, txn = _flask_txn_app("sync", psycopg)
+    app, sync_txn = _flask_txn_app("sync", psycopg)
 
     @app.get("/")
     @atomic
     def sync_view() -> str:
-        return txn.session.get(Item, 1).name  # type: ignore[union-attr]
+        return sync_txn.session.get(Item, 1).name  # type: ignore[union-attr]
 
     with app.app_context():
-        yield Variant("sync `@atomic`, psycopg 3, pooled", app, txn.engine, txn.engine.dispose)
+        engine = sync_txn.engine
+    yield Variant("sync `@atomic`, psycopg 3, pooled", app, engine, engine.dispose)
 
     for name, config in (
         ("async `@atomic`, psycopg 3, pooled (default)", {}),
@@ -159,8 +169,12 @@ def main() -> None:
         finally:
             for variant in chosen:
                 variant.close()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
     lines = [
-        f"PostgreSQL {version}, {args.rounds} interleaved rounds of {args.requests}"
+        f"`python -m benchmarks.async_views` at {commit or 'an unknown commit'}:"
+        f" PostgreSQL {version}, {args.rounds} interleaved rounds of {args.requests}"
         f" requests per variant, from 1 client thread and from {args.threads}; medians",
         "",
         "| variant | requests/s, 1 thread | requests/s, "
