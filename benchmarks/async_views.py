@@ -34,6 +34,8 @@ from flask_txn import FlaskTxn, atomic
 from tests import pgserver
 from tests.conftest import Base, Item
 
+from .report import FRONT_MATTER
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -189,7 +191,7 @@ def main() -> None:
     print(report)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.md").write_text(report + "\n", encoding="utf-8")
+        (args.out / "results.md").write_text(FRONT_MATTER + report + "\n", encoding="utf-8")
         (args.out / "results.json").write_text(json.dumps(table, indent=2) + "\n", "utf-8")
 
 
