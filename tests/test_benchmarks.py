@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import loadgen, results, workload
+from benchmarks import runs as saved_runs
 from benchmarks.results import Comparison, Run
 
 from . import pgserver
@@ -131,3 +133,21 @@ def test_smoke_run_writes_every_scenario(tmp_path: Path) -> None:
     for plot in ("goodput.png", "scaling.png", "backoff.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "results.json").read_text())["facts"]["mode"] == "smoke"
+
+
+def test_restructure_figures_come_from_the_saved_runs() -> None:
+    """docs/performance.md's before/after table of the restructure holds the medians
+    that ``python -m benchmarks.runs`` computes from the committed runs."""
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    saved = ROOT / "docs" / "benchmarks" / "restructure"
+    for side, commit in (("before", "572ccc4"), ("after", "704ad8e")):
+        table = saved_runs.ratios(sorted(saved.glob(f"{side}-*")))
+        row = [
+            f"{statistics.median(table[key]):.3f}"
+            for key in (
+                ("overhead", "flask-txn `@atomic`"),
+                ("overhead", "hand-written again (the noise floor)"),
+                ("noop", "flask-txn `@atomic`"),
+            )
+        ]
+        assert f"| {side} (`{commit}`) | {' | '.join(row)} |" in page
