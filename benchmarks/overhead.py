@@ -207,13 +207,14 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
             "txn": lambda: _flask_txn(url, stack),
             "fsa": lambda: _flask_sqlalchemy(url, stack),
             "lean": lambda: _flask_txn(url, stack, TXN_ENGINE_OPTIONS={"pool_pre_ping": False}),
+            "guarded": lambda: _flask_txn(url, stack, TXN_NPLUSONE="warn"),
         }
         apps: dict[str, list[Flask]] = {name: [] for name in builders}
         for copy in range(COPIES):
             # Each copy in a new order, so that no variant is always built first.
             for name in shuffled(builders, -1 - copy):
                 apps[name].append(builders[name]())
-        hand, control, txn_apps, fsa, lean = apps.values()
+        hand, control, txn_apps, fsa, lean, guarded = apps.values()
 
         def get(apps: list[Flask]) -> list[Callable[[], object]]:
             return [_requests(app) for app in apps]
@@ -227,6 +228,10 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
                 "flask-txn `@atomic`, 3 receivers": (txn_requests, True),
                 "Flask-SQLAlchemy `db.session` + `commit()`": (get(fsa), False),
                 "flask-txn `@atomic`, `pool_pre_ping=False`": (get(lean), False),
+                "flask-txn `@atomic`, N+1 guard on (`TXN_NPLUSONE='warn'`)": (
+                    get(guarded),
+                    False,
+                ),
             },
             rounds,
             seconds,
@@ -264,7 +269,9 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
             "requests/s",
             views,
             notes="The hand-written code and Flask-SQLAlchemy use flask-txn's engine option"
-            " `pool_pre_ping=True`; the last row shows what it costs. Each variant is built"
+            " `pool_pre_ping=True`; the row without it shows what it costs, and the last row"
+            " what the N+1 guard costs when it listens (its default outside debug and"
+            " testing mode is off). Each variant is built"
             f" {COPIES} times and the rounds take the copies in turn. The second row is the"
             " anchor built again: its distance from 1 is the noise of this machine.",
         ),

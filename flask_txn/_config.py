@@ -23,6 +23,7 @@ from ._timeouts import Timeouts, check_seconds, read_timeouts
 ISOLATION_LEVELS = ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 SCOPES = ("thread", "app_context")
 DISCARD_POLICIES = ("warn", "ignore", "raise")
+NPLUSONE_MODES = ("off", "warn", "raise")
 SQLITE_BEGIN_MODES = ("IMMEDIATE", "DEFERRED", "EXCLUSIVE")
 #: The isolation levels each dialect offers, where it is not all four.
 DIALECT_LEVELS = {"sqlite": ("SERIALIZABLE", "READ UNCOMMITTED")}
@@ -55,6 +56,9 @@ DEFAULTS: dict[str, Any] = {
     "TXN_RETRY_SLEEP": time.sleep,
     "TXN_RETRY_RANDOM": random.random,
     "TXN_SQLITE_BEGIN": "IMMEDIATE",
+    # None: "warn" when the app is in debug or testing mode, else "off" (init_app).
+    "TXN_NPLUSONE": None,
+    "TXN_NPLUSONE_THRESHOLD": 2,
     "TXN_ASYNC_DATABASE_URI": None,
     "TXN_ASYNC_ENGINE_OPTIONS": {},
 }
@@ -97,6 +101,11 @@ class Settings:
     sqlite_begin: str
     async_url: URL | None
     async_engine_options: Mapping[str, Any]
+    #: ``TXN_NPLUSONE``: "off", "warn" or "raise".
+    nplusone: str
+    #: ``TXN_NPLUSONE_THRESHOLD``: lazy loads of one relationship, for the objects of
+    #: one query, that make an N+1.
+    nplusone_threshold: int
 
 
 def hide_password(value: object) -> str:
@@ -156,6 +165,8 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
         async_engine_options=_check_mapping(
             "TXN_ASYNC_ENGINE_OPTIONS", config["TXN_ASYNC_ENGINE_OPTIONS"], "{'echo': True}"
         ),
+        nplusone=_check_choice("TXN_NPLUSONE", config["TXN_NPLUSONE"], NPLUSONE_MODES),
+        nplusone_threshold=_check_threshold(config["TXN_NPLUSONE_THRESHOLD"]),
     )
 
 
@@ -321,6 +332,15 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> Any:
     if value not in choices:
         allowed = ", ".join(repr(choice) for choice in choices)
         raise ConfigError(f"{name!r} must be one of {allowed}, got {value!r}.")
+    return value
+
+
+def _check_threshold(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ConfigError(
+            f"'TXN_NPLUSONE_THRESHOLD' must be a whole number of at least 2 (lazy loads of"
+            f" one relationship for the objects of one query), got {value!r}."
+        )
     return value
 
 

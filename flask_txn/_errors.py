@@ -9,7 +9,8 @@ wrapped: they propagate unchanged. flask-txn adds only these::
     │   └── NestingError                      an atomic block cannot run where it was entered
     ├── PendingWritesError                    uncommitted writes would be lost
     ├── TransactionAbortedError               a swallowed database error aborted the transaction
-    └── AmbiguousCommitError                  COMMIT was sent, its outcome is unknown
+    ├── AmbiguousCommitError                  COMMIT was sent, its outcome is unknown
+    └── NPlusOneError                         a relationship lazy-loaded in a loop
 """
 
 from __future__ import annotations
@@ -48,4 +49,15 @@ class AmbiguousCommitError(FlaskTxnError):
     The transaction may or may not have committed, so it is never retried. The
     driver's error is the ``__cause__``. Make the operation idempotent (an
     idempotency key stored in the same transaction) so the client can retry safely.
+    """
+
+
+class NPlusOneError(FlaskTxnError):
+    """A relationship was lazy-loaded, one query each, for many objects of one query.
+
+    Raised by the lazy load that crosses ``TXN_NPLUSONE_THRESHOLD`` when
+    ``TXN_NPLUSONE`` is ``"raise"``. The message names the relationship and the
+    eager load that fixes it.
+
+    .. versionadded:: 0.2.0
     """

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 from flask.ctx import AppContext
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -26,6 +27,7 @@ from ._config import (
 from ._engine import make_engine
 from ._errors import PendingWritesError, UsageError
 from ._listeners import watch
+from ._nplusone import guard_for
 from ._signals import payload, send_rolled_back
 from ._state import EXTENSION_KEY, AppState, app_state
 
@@ -72,11 +74,17 @@ class FlaskTxn:
             # Dicts are copied: editing one app's TXN_ENGINE_OPTIONS in place must not
             # change the module's defaults or another app served by this object.
             app.config.setdefault(key, dict(value) if isinstance(value, dict) else value)
+        if app.config["TXN_NPLUSONE"] is None:
+            # Where a developer looks (debug, tests), not in production by default.
+            app.config["TXN_NPLUSONE"] = "warn" if app.debug or app.testing else "off"
         settings = read_settings(app.config)
         engine = make_engine(settings)
         check_dialect_isolation("TXN_ISOLATION_LEVEL", settings.isolation, engine.dialect.name)
         factory = _session.make_sessionmaker(engine, settings)
         watch(engine, factory)
+        guard = guard_for(settings.nplusone, settings.nplusone_threshold)
+        if guard is not None:  # "off" costs nothing: no listener at all
+            event.listen(factory, "do_orm_execute", guard)
         async_database = _session.make_async_database(settings)
         if async_database is not None:
             watch(async_database.sync_engine, _session.AsyncWorkSession)

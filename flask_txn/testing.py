@@ -10,6 +10,7 @@ the plugin. They find the app through pytest-flask's ``app`` fixture.
 - :func:`txn_faults`: makes the next transactions fail with a real retriable error.
 - :func:`txn_signals`: records every flask-txn signal with its payload.
 - :func:`txn_queries`: counts the SQL statements the app runs.
+- :func:`txn_nplusone`: fails the test on any N+1 lazy load, whatever ``TXN_NPLUSONE``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session
 
 from ._errors import ConfigError, UsageError
+from ._nplusone import Guard, NPlusOne
 from ._session import JOINED
 from ._signals import transaction_committed, transaction_retrying, transaction_rolled_back
 from ._state import AppState, app_state
@@ -38,6 +40,7 @@ __all__ = [
     "QueryCounter",
     "SignalRecorder",
     "txn_faults",
+    "txn_nplusone",
     "txn_on_commit",
     "txn_queries",
     "txn_rollback",
@@ -326,3 +329,31 @@ def txn_queries(app: Flask) -> Iterator[QueryCounter]:
         yield counter
     finally:
         event.remove(engine, "before_cursor_execute", counter._record)
+
+
+@pytest.fixture
+def txn_nplusone(app: Flask) -> Iterator[list[NPlusOne]]:
+    """Fail the test if the app lazy-loads a relationship, a query each, for
+    ``TXN_NPLUSONE_THRESHOLD`` objects of one query (an N+1), whatever ``TXN_NPLUSONE``.
+
+    Yields the N+1s found so far. A test that found any fails when it ends,
+    with the guard's messages.
+    """
+    state = _state(app)
+    found: list[NPlusOne] = []
+    guard = Guard(state.settings.nplusone_threshold, found.append)
+    event.listen(state.sessionmaker, "do_orm_execute", guard)
+    try:
+        yield found
+    finally:
+        event.remove(state.sessionmaker, "do_orm_execute", guard)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail, in the test's own call, a test whose ``txn_nplusone`` found an N+1."""
+    result = yield
+    found = getattr(item, "funcargs", {}).get("txn_nplusone")
+    if found:
+        pytest.fail("\n".join(n.message() for n in found), pytrace=False)
+    return result

@@ -217,6 +217,22 @@ TABLE = [
         keys=("TXN_SQLITE_BEGIN",),
     ),
     Row(
+        "nplusone-mode",
+        ConfigError,
+        "init_app",
+        arrange=_config(TXN_NPLUSONE="loud"),
+        says=("'TXN_NPLUSONE'", "'loud'", "'off', 'warn', 'raise'"),
+        keys=("TXN_NPLUSONE",),
+    ),
+    Row(
+        "nplusone-threshold",
+        ConfigError,
+        "init_app",
+        arrange=_config(TXN_NPLUSONE_THRESHOLD=1),
+        says=("'TXN_NPLUSONE_THRESHOLD'", "got 1", "a whole number of at least 2"),
+        keys=("TXN_NPLUSONE_THRESHOLD",),
+    ),
+    Row(
         "connect-timeout-type",
         ConfigError,
         "init_app",

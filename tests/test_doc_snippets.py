@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import sqlalchemy as sa
 from flask import Flask, request
 from flask.views import MethodView
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from flask_txn import FlaskTxn, atomic, on_commit, testing
 
@@ -29,7 +30,17 @@ txn_faults = testing.txn_faults
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 #: Pages with Python blocks of their own; a test below checks that no page is missed.
-PAGES = ["async", "atomic", "config", "locking", "reliability", "retries", "signals", "testing"]
+PAGES = [
+    "async",
+    "atomic",
+    "config",
+    "locking",
+    "nplusone",
+    "reliability",
+    "retries",
+    "signals",
+    "testing",
+]
 #: The database URL written in docs/locking.md, replaced by the test server's.
 LOCKING_URL = "postgresql+psycopg2://localhost/app"
 
@@ -267,6 +278,7 @@ def test_testing_page_runs() -> None:
     tests = sorted(name for name in namespace if name.startswith("test_"))
     assert tests == [
         "test_book_list_has_no_n_plus_one",
+        "test_book_list_loads_authors_eagerly",
         "test_signup_sends_one_email",
         "test_transfer_survives_a_conflict",
     ]
@@ -412,3 +424,42 @@ def test_reliability_page_runs() -> None:
         "1",
         "database-unavailable",
     )
+
+
+class SnippetAuthor(PreludeBase):
+    __tablename__ = "snippet_author"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(50))
+    books: Mapped[list[SnippetBook]] = relationship()
+
+
+class SnippetBook(PreludeBase):
+    __tablename__ = "snippet_book"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    author_id: Mapped[int] = mapped_column(sa.ForeignKey("snippet_author.id"))
+
+
+def test_nplusone_page_runs(
+    make_prelude: Callable[..., dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """nplusone.md: the loop it shows is the N+1 the guard warns of, with the fix."""
+    namespace = make_prelude()
+    app, txn = namespace["app"], namespace["txn"]
+    with app.app_context(), atomic():
+        txn.session.add_all(
+            [SnippetAuthor(id=i, name=f"a{i}", books=[SnippetBook()]) for i in (1, 2)]
+        )
+    namespace.update(Author=SnippetAuthor, select=sa.select)
+    with caplog.at_level(logging.WARNING, logger="flask_txn"):
+        run_page("nplusone", namespace)
+    assert capsys.readouterr().out == "a1 1\na2 1\n"
+    assert [r.getMessage() for r in caplog.records] == [
+        "N+1 queries outside a request: SnippetAuthor.books was lazy-loaded, one query each,"
+        " for 2 SnippetAuthor objects that one query returned. Load it with that query"
+        " instead: select(SnippetAuthor).options(selectinload(SnippetAuthor.books)). Set"
+        " 'TXN_NPLUSONE' to 'off' to silence this."
+    ]

@@ -31,6 +31,7 @@ from examples.bank import load
 from examples.bank.app import create_app
 from examples.bank.models import Transfer, txn
 from flask_txn import testing
+from flask_txn._nplusone import Guard
 
 # The plugin is off in this suite (pyproject.toml): borrow the one fixture used here.
 txn_faults = testing.txn_faults
@@ -384,6 +385,59 @@ def test_notification_is_not_sent_for_an_attempt_that_is_re_run(
     assert (response.status_code, txn_faults.injected) == (201, 2)
     done = response.json
     assert stats(bank)["transactions"]["outbox"] == [f"Transfer {done['id']}: 100 from 1 to 2."]
+
+
+def test_ledger_lists_the_latest_transfers_with_both_balances(bank: Flask) -> None:
+    """GET /transfers: newest first, each with its accounts' balances now."""
+    transfer(bank, "k1", 1, 2, 100)
+    transfer(bank, "k2", 2, 3, 30)
+    assert bank.test_client().get("/transfers?limit=5").json == [
+        {
+            "id": 2,
+            "key": "k2",
+            "from": 2,
+            "to": 3,
+            "amount": 30,
+            "balances": {"from": OPENING + 70, "to": OPENING + 30},
+        },
+        {
+            "id": 1,
+            "key": "k1",
+            "from": 1,
+            "to": 2,
+            "amount": 100,
+            "balances": {"from": OPENING - 100, "to": OPENING + 70},
+        },
+    ]
+
+
+def test_no_request_of_the_bank_is_an_n_plus_one(bank: Flask) -> None:
+    """Every endpoint, with transfers in the ledger, under the N+1 guard at its
+    strictest: no relationship is lazy-loaded for the objects of one query."""
+    found: list[Any] = []
+    state = bank.extensions["flask-txn"]._states[bank]
+    guard = Guard(state.settings.nplusone_threshold, found.append)
+    sa.event.listen(state.sessionmaker, "do_orm_execute", guard)
+    try:
+        for key, (source, target) in enumerate([(1, 2), (2, 3), (3, 1)]):
+            assert transfer(bank, f"k{key}", source, target).status_code == 201
+        assert transfer(bank, "k9", path="/transfers/locked").status_code == 201
+        client = bank.test_client()
+        for path in ("/transfers", "/stats", "/"):
+            assert client.get(path).status_code == 200
+    finally:
+        sa.event.remove(state.sessionmaker, "do_orm_execute", guard)
+    assert [n.message() for n in found] == []
+    # The guard sees the loop the ledger avoids: the same query without the eager loads.
+    with bank.app_context():
+        lazily = txn.session.scalars(sa.select(Transfer)).all()
+        sa.event.listen(state.sessionmaker, "do_orm_execute", guard)
+        try:
+            [t.source.balance for t in lazily]
+        finally:
+            sa.event.remove(state.sessionmaker, "do_orm_execute", guard)
+            txn.session.remove()
+    assert [n.name for n in found] == ["Transfer.source"]
 
 
 # -- the app factory ------------------------------------------------------------------

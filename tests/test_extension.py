@@ -347,7 +347,8 @@ def test_unknown_constructor_option_is_refused() -> None:
 def test_init_app_writes_every_default_into_the_config(sqlite_url: str) -> None:
     """After init_app the app's config holds every TXN_* key with the value in force."""
     app, _ = init(sqlite_url)
-    expected = {**DEFAULTS, "TXN_DATABASE_URI": sqlite_url}
+    # TXN_NPLUSONE's default None is resolved by the app's mode: off outside debug and tests.
+    expected = {**DEFAULTS, "TXN_DATABASE_URI": sqlite_url, "TXN_NPLUSONE": "off"}
     assert {key: app.config[key] for key in DEFAULTS} == expected
 
 

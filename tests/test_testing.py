@@ -417,3 +417,32 @@ def test_fixtures_need_the_extension(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*has no flask-txn extension*init_app*"])
+
+
+def test_nplusone_fixture_fails_a_test_that_lazy_loads_in_a_loop(inner: Any) -> None:
+    """txn_nplusone fails the test whose request lazy-loads Author.books for each author,
+    with the guard's message, and passes the eager version."""
+    result = run(
+        inner,
+        """
+        def test_lazy(txn_rollback, txn_nplusone, client):
+            client.post("/authors/ann")
+            client.post("/authors/bo")
+            assert client.get("/books").json == {"ann": 2, "bo": 2}
+
+        def test_eager(txn_rollback, txn_nplusone, client):
+            client.post("/authors/ann")
+            client.post("/authors/bo")
+            assert client.get("/books/eager").json == {"ann": 2, "bo": 2}
+            assert txn_nplusone == []
+        """,
+        passed=1,
+        failed=1,
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*N+1 queries in endpoint 'books_lazy': Author.books was lazy-loaded, one query"
+            " each, for 2 Author objects that one query returned. Load it with that query"
+            " instead: select(Author).options(selectinload(Author.books)).*"
+        ]
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from flask_txn import FlaskTxn
 
@@ -43,6 +43,8 @@ class Transfer(Base):
     source_id: Mapped[int] = mapped_column(sa.ForeignKey(Account.id), index=True)
     target_id: Mapped[int] = mapped_column(sa.ForeignKey(Account.id), index=True)
     amount: Mapped[int]
+    source: Mapped[Account] = relationship(foreign_keys=[source_id])
+    target: Mapped[Account] = relationship(foreign_keys=[target_id])
 
     def as_json(self) -> dict[str, object]:
         """The transfer as the API returns it, first time and on every replay."""

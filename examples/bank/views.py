@@ -1,4 +1,5 @@
-"""The bank's HTTP API: two ways to transfer money, the numbers behind the page, the page."""
+"""The bank's HTTP API: two ways to transfer money, the ledger, the numbers behind the
+page, the page."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Blueprint, Response, current_app, request
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import joinedload
 
 from flask_txn import atomic, lock_rows, on_commit, register_error_handlers, sqlstate_of
 
@@ -193,6 +195,27 @@ def stats() -> Any:
         "total": sum(account["balance"] for account in accounts),
         "opening_total": sum(account["opening"] for account in accounts),
     }
+
+
+@bp.get("/transfers")
+def ledger() -> Any:
+    """The latest transfers with both accounts' balances now (``?limit=``, 20 at most)."""
+    limit = min(request.args.get("limit", 20, type=int), 20)
+    # Both accounts in the same query (a JOIN each): touching transfer.source in the
+    # loop below would otherwise send one query per transfer, the N+1 flask-txn warns of.
+    query = (
+        sa.select(Transfer)
+        .options(joinedload(Transfer.source), joinedload(Transfer.target))
+        .order_by(Transfer.id.desc())
+        .limit(limit)
+    )
+    return [
+        {
+            **transfer.as_json(),
+            "balances": {"from": transfer.source.balance, "to": transfer.target.balance},
+        }
+        for transfer in txn.session.scalars(query)
+    ]
 
 
 @bp.get("/")
