@@ -151,3 +151,17 @@ def test_restructure_figures_come_from_the_saved_runs() -> None:
             )
         ]
         assert f"| {side} (`{commit}`) | {' | '.join(row)} |" in page
+
+
+def test_nplusone_cost_figures_come_from_the_saved_runs() -> None:
+    """docs/nplusone.md's cost table holds the medians of the committed runs."""
+    page = (ROOT / "docs" / "nplusone.md").read_text(encoding="utf-8")
+    table = saved_runs.ratios(sorted((ROOT / "docs" / "benchmarks").glob("nplusone-*")))
+    for variant, row in (
+        ("flask-txn `@atomic`", "flask-txn `@atomic`"),
+        (
+            "flask-txn `@atomic`, N+1 guard on (`TXN_NPLUSONE='warn'`)",
+            "flask-txn `@atomic`, N+1 guard on",
+        ),
+    ):
+        assert f"| {row} | {statistics.median(table[('overhead', variant)]):.3f} |" in page
