@@ -96,6 +96,8 @@ def run(mode: Mode, scenarios: Sequence[str], out: Path) -> list[results.Compari
                         _progress(f"serializable, {clients} client(s)")
                         done(contention.serializable(setup))
                     if main:
+                        _progress("where the lead on hot rows comes from, 8 clients")
+                        done(contention.lead(setup, mode.backoffs))
                         _progress("read committed, 8 clients")
                         done(contention.read_committed(setup))
                     if (

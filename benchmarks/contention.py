@@ -7,6 +7,8 @@ variants of a scenario A B A B ..., each on a freshly loaded ``accounts`` table.
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import threading
 from collections.abc import Callable, Sequence
 
 import sqlalchemy as sa
@@ -50,6 +52,37 @@ class Setup:
                 workload.reset_accounts(self.engine, naccts)
                 runs[name].append(variants[name](round_))
         return runs
+
+
+def sampled(engine: sa.Engine, run: RunOnce) -> RunOnce:
+    """``run``, with the mean number of the database's sessions in a transaction
+    while it ran, sampled every 5 ms from ``pg_stat_activity`` on a connection of
+    its own: how many transactions the database really had at once."""
+
+    def run_sampled(seed: int) -> Run:
+        samples: list[int] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            with engine.connect() as connection:
+                query = sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE xact_start IS NOT NULL"
+                    " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                )
+                while not stop.wait(0.005):  # the sampling period, not a synchronisation
+                    samples.append(connection.scalar(query) or 0)
+                    connection.rollback()
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            result = run(seed)
+        finally:
+            stop.set()
+            sampler.join()
+        return dataclasses.replace(result, in_transaction=statistics.fmean(samples or [0]))
+
+    return run_sampled
 
 
 def _path(script: str) -> str:
@@ -113,6 +146,48 @@ def serializable(setup: Setup) -> Comparison:
         notes="flask-txn's pool has a connection per client, except in the last row: there"
         " it has as many connections as the database has cores, whatever the"
         " number of clients, and the other requests wait for one.",
+    )
+
+
+def lead(setup: Setup, backoffs: Sequence[tuple[float, float]]) -> Comparison:
+    """Scenario 3c: where flask-txn's lead over pgbench on hot rows comes from.
+
+    pgbench with as many connections as flask-txn's bounded pool, flask-txn
+    retrying at once as pgbench does, and every variant's mean number of
+    transactions in the database at once.
+    """
+    cores = processes.bounded_pool_for(setup.clients) * processes.workers_for(setup.clients)
+    variants = {
+        PGBENCH_SER: setup.pgbench(workload.SERIALIZABLE, workload.HOT),
+        f"{PGBENCH_SER}, {cores} clients (1 x cores)": lambda seed: pgbench.run(
+            setup.server,
+            workload.SERIALIZABLE,
+            clients=cores,
+            seconds=setup.seconds,
+            naccts=workload.HOT,
+        ),
+        FLASK_TXN_SER: setup.flask_txn(_path(workload.SERIALIZABLE), workload.HOT),
+        FLASK_TXN_SER_BOUNDED: setup.flask_txn(
+            BOUNDED_POOL + _path(workload.SERIALIZABLE), workload.HOT
+        ),
+    }
+    if (0.0, 0.0) in backoffs:
+        index = list(backoffs).index((0.0, 0.0))
+        variants[f"{FLASK_TXN_SER}, retrying at once (no backoff)"] = setup.flask_txn(
+            f"/transfer/backoff/{index}", workload.HOT
+        )
+    runs = setup.interleave(
+        workload.HOT, {name: sampled(setup.engine, run) for name, run in variants.items()}
+    )
+    return Comparison(
+        "lead",
+        "3c. Where the lead on hot rows comes from: connections, backoff, transactions at once",
+        setup.clients,
+        "committed/s",
+        runs,
+        notes="The last column is the mean number of the database's sessions in a"
+        " transaction during the run (pg_stat_activity, sampled every 5 ms): the"
+        " transactions that can conflict with each other.",
     )
 
 

@@ -36,7 +36,8 @@ SELECT = sa.text("SELECT balance FROM accounts WHERE id = :id")
 CONTROL = "hand-written again (the noise floor)"
 
 #: Independently built copies of each app in the view comparison. Two copies of
-#: the same code came out up to 2% apart here: each has its own connection (so its
+#: the same code came out up to 3% apart here (the noise-floor row of the ten saved runs
+#: in docs/benchmarks/restructure: 0.974 to 1.026): each has its own connection (so its
 #: own database backend) and its own place in memory. The rounds rotate over the
 #: copies, so that no ratio rests on one copy, and the noise-floor row is a copy
 #: of the anchor built apart from it.

@@ -34,6 +34,8 @@ class Run:
     errors: int = 0
     p50_ms: float = math.nan
     p99_ms: float = math.nan
+    #: the database's sessions in a transaction, on average over the run (sampled)
+    in_transaction: float = math.nan
 
     @property
     def goodput(self) -> float:
@@ -146,6 +148,10 @@ def markdown(comparisons: Sequence[Comparison]) -> str:
         elif not math.isnan(comparison.median(comparison.anchor, "p50_ms")):
             header += " p50 ms | p99 ms |"
             rule += " ---: | ---: |"
+        sampled = not math.isnan(comparison.median(comparison.anchor, "in_transaction"))
+        if sampled:
+            header += " in a transaction |"
+            rule += " ---: |"
         out += [header, rule]
         for name in comparison.runs:
             low, high = comparison.spread(name)
@@ -163,6 +169,8 @@ def markdown(comparisons: Sequence[Comparison]) -> str:
                     f" {_number(comparison.median(name, 'p50_ms'), 1)} |"
                     f" {_number(comparison.median(name, 'p99_ms'), 1)} |"
                 )
+            if sampled:
+                row += f" {_number(comparison.median(name, 'in_transaction'), 1)} |"
             out.append(row)
         out.append("")
     return "\n".join(out)
@@ -209,7 +217,11 @@ def scaling_markdown(comparisons: Sequence[Comparison]) -> str:
 
 def report(comparisons: Sequence[Comparison]) -> str:
     """Scenarios 1 to 4 at their concurrency, the backoff sweeps, scaling, then 5b."""
-    main = [c for c in comparisons if c.key in ("overhead", "noop") or c.clients == MAIN_CLIENTS]
+    main = [
+        c
+        for c in comparisons
+        if c.key in ("overhead", "async", "noop") or c.clients == MAIN_CLIENTS
+    ]
     main = [c for c in main if c.key not in ("backoff", "paired")]
     sweeps = sorted((c for c in comparisons if c.key == "backoff"), key=lambda c: c.clients)
     paired = [c for c in comparisons if c.key == "paired"]

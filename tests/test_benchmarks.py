@@ -125,8 +125,16 @@ def test_smoke_run_writes_every_scenario(tmp_path: Path) -> None:
     # A table per scenario at its concurrency and per backoff sweep; scaling in a table
     # per variant run at every client count: pgbench and flask-txn in scenario 2, and
     # flask-txn with the bounded pool too in scenario 3.
-    tables = [c for c in comparisons if c.key in ("overhead", "noop", "backoff") or c.clients == 8]
+    tables = [
+        c
+        for c in comparisons
+        if c.key in ("overhead", "async", "noop", "backoff") or c.clients == 8
+    ]
     assert report.count("| variant |") == len(tables)
+    assert "1c. Overhead in an async view" in report  # every scenario the run made is reported
+    assert "3c. Where the lead on hot rows comes from" in report
+    (lead,) = [c for c in comparisons if c.key == "lead"]
+    assert all(run.in_transaction >= 0 for runs in lead.runs.values() for run in runs)
     assert report.count("| clients | rounds |") == 5
     assert "| hand-written again (the noise floor) |" in report
     assert "pool of 1 x cores |" in report
@@ -165,3 +173,32 @@ def test_nplusone_cost_figures_come_from_the_saved_runs() -> None:
         ),
     ):
         assert f"| {row} | {statistics.median(table[('overhead', variant)]):.3f} |" in page
+
+
+def test_overhead_figures_come_from_the_eight_saved_runs() -> None:
+    """The Performance page's scenario 1 figures (ranges and medians) are those of the
+    saved runs of the current core: docs/benchmarks/restructure/after-* and nplusone-*."""
+    page = " ".join((ROOT / "docs" / "performance.md").read_text(encoding="utf-8").split())
+    saved = ROOT / "docs" / "benchmarks"
+    folders = sorted((saved / "restructure").glob("after-*")) + sorted(saved.glob("nplusone-*"))
+    table = saved_runs.ratios(folders)
+    assert len(folders) == 8
+
+    def described(variant: str) -> str:
+        values = table[("overhead", variant)]
+        return f"{min(values):.3f} and {max(values):.3f} of the hand-written code, median" + (
+            f" {statistics.median(values):.3f}"
+        )
+
+    assert f"between {described('flask-txn `@atomic`')}," in page
+    for variant in (
+        "hand-written again (the noise floor)",
+        "Flask-SQLAlchemy `db.session` + `commit()`",
+    ):
+        values = table[("overhead", variant)]
+        assert (
+            f"from {min(values):.3f} to {max(values):.3f} (median {statistics.median(values):.3f})"
+            in page
+        )
+    lean = table[("overhead", "flask-txn `@atomic`, `pool_pre_ping=False`")]
+    assert f"({min(lean):.3f} to {max(lean):.3f} in the eight saved runs)" in page
