@@ -202,3 +202,41 @@ def test_overhead_figures_come_from_the_eight_saved_runs() -> None:
         )
     lean = table[("overhead", "flask-txn `@atomic`, `pool_pre_ping=False`")]
     assert f"({min(lean):.3f} to {max(lean):.3f} in the eight saved runs)" in page
+
+
+def test_async_page_table_is_the_saved_run() -> None:
+    """docs/async.md's cost table is the saved run of ``python -m benchmarks.async_views``."""
+    page = (ROOT / "docs" / "async.md").read_text(encoding="utf-8")
+    saved = json.loads((ROOT / "docs" / "benchmarks" / "async" / "results.json").read_text())
+    for variant, row in saved.items():
+        line = (
+            f"| {variant} | {row['rate_1']:,.0f} | {row['rate_n']:,.0f} | {row['connects']:.2f} |"
+        )
+        assert line in page
+
+
+def test_hot_lead_table_comes_from_the_saved_run() -> None:
+    """docs/performance.md's scenario 3c table holds the medians of the saved run."""
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    _, comparisons = results.load(ROOT / "docs" / "benchmarks" / "hot-lead" / "results.json")
+    (lead,) = [c for c in comparisons if c.key == "lead"]
+    rows = dict(
+        zip(
+            lead.runs,
+            [
+                "pgbench, 8 connections",
+                "pgbench, 2 connections (1 x cores)",
+                "flask-txn, a connection per client",
+                "flask-txn, pool of 1 x cores",
+                "flask-txn, a connection per client, retrying at once",
+            ],
+            strict=True,
+        )
+    )
+    for variant, label in rows.items():
+        line = (
+            f"| {label} | {lead.median(variant):,.0f} | {lead.ratio(variant):.3f}"
+            f" | {lead.median(variant, 'failed_share'):.1%}"
+            f" | {lead.median(variant, 'in_transaction'):.1f} |"
+        )
+        assert line in page, line
