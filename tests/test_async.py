@@ -117,6 +117,24 @@ def async_connections(app: Flask) -> int:
     return int(app.extensions["test-async-connections"].held)
 
 
+def fails_once(app: Flask, txn: Any, then: Any = None) -> list[int]:
+    """Serve ``POST /``: an async view whose first attempt meets a real 40001, then
+    runs ``then()``; return the list its attempts append to."""
+    calls: list[int] = []
+
+    @app.post("/")
+    @atomic
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            await txn.async_session.execute(sa.text(FAIL_WITH.format(code="40001")))
+        if then is not None:
+            then()
+        return "ok"
+
+    return calls
+
+
 def values(app: Flask, txn: Any) -> dict[int, int]:
     """Committed values by id."""
     with app.app_context(), txn.engine.connect() as connection:
@@ -267,16 +285,7 @@ def test_async_retry_waits_without_blocking_the_loop(make_app: Any, postgresql_u
     """With the default TXN_RETRY_SLEEP (time.sleep), an async retry waits with asyncio.sleep."""
     url = sa.make_url(postgresql_url).set(drivername="postgresql+psycopg")
     app, txn = make_app(url, TXN_RETRY_WAIT_INITIAL=0.001, TXN_RETRY_WAIT_MAX=0.001)
-    calls = []
-
-    @app.post("/")
-    @atomic
-    async def flaky() -> str:
-        calls.append(1)
-        if len(calls) == 1:
-            await txn.async_session.execute(sa.text(FAIL_WITH.format(code="40001")))
-        txn.async_session.add(Item(id=3, name="retried"))
-        return "ok"
+    calls = fails_once(app, txn, lambda: txn.async_session.add(Item(id=3, name="retried")))
 
     assert app.test_client().post("/").status_code == 200
     assert len(calls) == 2
@@ -353,15 +362,7 @@ def test_connection_released_during_async_backoff(async_app: Any) -> None:
         open_during_wait.append(async_connections(app))
 
     app.config["TXN_RETRY_SLEEP"].during = record
-    calls = []
-
-    @app.post("/")
-    @atomic
-    async def flaky() -> str:
-        calls.append(1)
-        if len(calls) == 1:
-            await txn.async_session.execute(sa.text(FAIL_WITH.format(code="40001")))
-        return "ok"
+    fails_once(app, txn)
 
     assert app.test_client().post("/").status_code == 200
     assert open_during_wait == [0]
