@@ -9,6 +9,7 @@ run their steps through ``AsyncSession.run_sync``.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import weakref
@@ -245,7 +246,14 @@ def _innermost() -> Attempt | Savepoint:
 
 
 def _refuse_unsupported(func: Callable[..., Any]) -> None:
-    """A generator's body would run after the transaction ended."""
+    """A generator's body would run after the transaction ended; a class is no view."""
+    if inspect.isclass(func):
+        raise UsageError(
+            f"'atomic' cannot decorate the class {func.__qualname__!r}: calling it would"
+            " only create an object inside a transaction. Decorate the methods that need"
+            " one (a MethodView's 'get', 'post', ...), or add 'atomic' to the class's"
+            " 'decorators' list to run every request it serves in one."
+        )
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
         raise UsageError(
             f"'atomic' cannot decorate {func.__qualname__!r}, a generator function: its"
@@ -276,6 +284,32 @@ def current_async_session() -> AsyncSession:
             " in the view's own event loop. Outside one, there is no session."
         )
     return attempt.user_session  # type: ignore[return-value]
+
+
+#: Names users bring from other libraries (SQLAlchemy, stamina, Django), and ours.
+_FAMILIAR = {
+    "retry": "retries",
+    "max_retries": "retries",
+    "attempts": "retries",
+    "isolation_level": "isolation",
+    "read_only": "readonly",
+    "timeout": "statement_timeout",
+}
+
+
+def check_names(options: dict[str, Any]) -> None:
+    """Refuse an argument ``atomic`` does not take, with the closest it does."""
+    allowed = [name for name in inspect.signature(Atomic).parameters if not name.startswith("_")]
+    for name in options:
+        if name not in allowed:
+            close = _FAMILIAR.get(name) or next(
+                iter(difflib.get_close_matches(name, allowed, n=1)), None
+            )
+            hint = f" Did you mean {close!r}?" if close else ""
+            raise ConfigError(
+                f"'atomic' got an unknown argument {name!r} (={options[name]!r}).{hint} It"
+                f" takes {', '.join(repr(n) for n in allowed)}, all by keyword."
+            )
 
 
 @overload
@@ -313,6 +347,7 @@ def atomic(func: Callable[P, R] | None = None, /, **options: Any) -> Any:
         ``deadline``, ``retry_on``, ``readonly``, ``deferrable``,
         ``statement_timeout``, ``lock_timeout``, ``durable``.
     """
+    check_names(options)
     return decorate_or_open(Atomic(**options), func)
 
 

@@ -30,6 +30,21 @@ if TYPE_CHECKING:
 #: ("IMMEDIATE" takes the write lock at once; atomic blocks set it).
 SQLITE_BEGIN = "flask_txn_sqlite_begin"
 
+#: The package that provides a driver's module, for the install hint.
+_PACKAGES = {
+    "MySQLdb": "mysqlclient",
+    "pymysql": "PyMySQL",
+    "psycopg2": "'flask-txn[postgresql]' (psycopg2-binary)",
+    "psycopg": "'flask-txn[psycopg]' (psycopg 3)",
+    "asyncpg": "'flask-txn[asyncpg]'",
+    "aiosqlite": "aiosqlite",
+    "aiomysql": "aiomysql",
+    "asyncmy": "asyncmy",
+    "pg8000": "pg8000",
+    "oracledb": "oracledb",
+    "pyodbc": "pyodbc",
+}
+
 #: Sync drivers whose own package also speaks asyncio under the same URL.
 _SAME_DRIVER_ASYNC = frozenset({"postgresql+psycopg"})
 #: Async drivers whose connections may serve one event loop after another.
@@ -61,6 +76,8 @@ def make_engine(settings: Settings) -> Engine:
     )
     try:
         engine = sa.create_engine(settings.url, **options)
+    except ImportError as exc:
+        raise missing_driver("TXN_DATABASE_URI", settings.url, exc) from None
     except TypeError as exc:
         # Only the names are shown: values (connect_args) may hold a password.
         raise ConfigError(
@@ -73,6 +90,16 @@ def make_engine(settings: Settings) -> Engine:
     _timeouts.watch(engine, settings.timeouts.read)
     _ENGINES.add(engine)
     return engine
+
+
+def missing_driver(key: str, url: URL, exc: ImportError) -> ConfigError:
+    """The error for a URL whose driver is not installed: which package to install."""
+    module = (exc.name or "").partition(".")[0]
+    package = _PACKAGES.get(module, f"the package that provides {module or 'it'!r}")
+    return ConfigError(
+        f"{key!r} uses the driver {url.drivername!r}, which is not installed ({exc})."
+        f" Install it: pip install {package}."
+    )
 
 
 def _dialect_defaults(url: URL) -> dict[str, Any]:
@@ -135,6 +162,9 @@ def make_async_engine(settings: Settings, url: URL) -> AsyncEngine:
     )
     try:
         return create_async_engine(url, **with_timeouts(url, settings.timeouts, options))
+    except ImportError as exc:
+        key = "TXN_DATABASE_URI" if settings.async_url is None else "TXN_ASYNC_DATABASE_URI"
+        raise missing_driver(key, url, exc) from None
     except TypeError as exc:
         # Only the names are shown: values (connect_args) may hold a password.
         raise ConfigError(

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import _session
-from ._atomic import Atomic, current_async_session, decorate_or_open
+from ._atomic import Atomic, check_names, current_async_session, decorate_or_open
 from ._config import (
     DEFAULTS,
     Settings,
@@ -25,7 +25,7 @@ from ._config import (
     read_settings,
 )
 from ._engine import make_engine
-from ._errors import PendingWritesError, UsageError
+from ._errors import ConfigError, PendingWritesError, UsageError
 from ._listeners import watch
 from ._nplusone import guard_for
 from ._signals import payload, send_rolled_back
@@ -70,6 +70,7 @@ class FlaskTxn:
                 f"A flask-txn extension is already registered on app {app.name!r}."
                 " Call 'init_app' once per app (one FlaskTxn object can serve many apps)."
             )
+        sqlite_begin_given = "TXN_SQLITE_BEGIN" in {**self._defaults, **app.config}
         for key, value in {**DEFAULTS, **self._defaults}.items():
             # Dicts are copied: editing one app's TXN_ENGINE_OPTIONS in place must not
             # change the module's defaults or another app served by this object.
@@ -78,6 +79,12 @@ class FlaskTxn:
             # Where a developer looks (debug, tests), not in production by default.
             app.config["TXN_NPLUSONE"] = "warn" if app.debug or app.testing else "off"
         settings = read_settings(app.config)
+        if sqlite_begin_given and settings.url.get_backend_name() != "sqlite":
+            raise ConfigError(
+                f"'TXN_SQLITE_BEGIN' is set ({settings.sqlite_begin!r}), but the database is"
+                f" {settings.url.get_backend_name()!r}: it only applies to SQLite, so it would"
+                " do nothing. Set it only where 'TXN_DATABASE_URI' is a SQLite URL."
+            )
         engine = make_engine(settings)
         check_dialect_isolation("TXN_ISOLATION_LEVEL", settings.isolation, engine.dialect.name)
         factory = _session.make_sessionmaker(engine, settings)
@@ -121,6 +128,7 @@ class FlaskTxn:
 
     def atomic(self, func: Any = None, /, **options: Any) -> Any:
         """Like :func:`flask_txn.atomic`, for this extension whatever the current app's is."""
+        check_names(options)
         return decorate_or_open(Atomic(_extension=self, **options), func)
 
     def _get_state(self) -> AppState:

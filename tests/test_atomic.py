@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any
 
@@ -855,3 +856,16 @@ def test_veto_reads_a_status_line(app_txn: Any) -> None:
 
     assert app.test_client().post("/").status_code == 404
     assert names(app, txn) == []
+
+
+def test_extension_atomic_refuses_an_unknown_argument(app_txn: Any) -> None:
+    """``txn.atomic(isolaton=...)`` names the argument and the one it resembles."""
+    _, txn = app_txn
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "'atomic' got an unknown argument 'isolaton' (='SERIALIZABLE'). Did you mean"
+            " 'isolation'? It takes 'isolation', 'retries',"
+        ),
+    ):
+        txn.atomic(isolaton="SERIALIZABLE")

@@ -217,6 +217,13 @@ TABLE = [
         keys=("TXN_SQLITE_BEGIN",),
     ),
     Row(
+        "sqlite-begin-elsewhere",
+        ConfigError,
+        "init_app",
+        arrange=_config_on(NOWHERE, TXN_SQLITE_BEGIN="deferred"),
+        says=("'TXN_SQLITE_BEGIN'", "'DEFERRED'", "'postgresql'", "only applies to SQLite"),
+    ),
+    Row(
         "nplusone-mode",
         ConfigError,
         "init_app",
@@ -303,6 +310,20 @@ TABLE = [
         says=("'TXN_POOL_TIMEOUT' is 1", "NullPool", "None", "QueuePool"),
     ),
     Row(
+        "uri-driver-missing",
+        ConfigError,
+        "init_app",
+        arrange=_config_on("mysql://app@127.0.0.1:1/app"),
+        says=("'TXN_DATABASE_URI'", "'mysql'", "not installed", "pip install mysqlclient"),
+    ),
+    Row(
+        "async-uri-driver-missing",
+        ConfigError,
+        "init_app",
+        arrange=_config(TXN_ASYNC_DATABASE_URI="mysql+aiomysql://app@127.0.0.1:1/app"),
+        says=("'TXN_ASYNC_DATABASE_URI'", "'mysql+aiomysql'", "pip install aiomysql"),
+    ),
+    Row(
         "async-uri-type",
         ConfigError,
         "init_app",
@@ -363,6 +384,13 @@ TABLE = [
     Row("atomic-deferrable", ConfigError, "atomic()", BAD_OPTIONS),
     Row("atomic-retry-on", ConfigError, "atomic()", BAD_OPTIONS),
     Row(
+        "atomic-unknown-argument",
+        ConfigError,
+        "atomic()",
+        arrange=lambda _: lambda: atomic(retry=3),  # type: ignore[call-overload]
+        says=("'atomic' got an unknown argument 'retry'", "(=3)", "Did you mean 'retries'?"),
+    ),
+    Row(
         "atomic-not-callable",
         ConfigError,
         "atomic()",
@@ -381,6 +409,13 @@ TABLE = [
         "decorating",
         arrange=_decorate(_async_generator),
         says=("'atomic' cannot decorate '_async_generator'", "generator function"),
+    ),
+    Row(
+        "atomic-class",
+        UsageError,
+        "decorating",
+        arrange=_decorate(Flask),
+        says=("'atomic' cannot decorate the class 'Flask'", "Decorate the methods", "decorators"),
     ),
     # -- where and how atomic is used, checked when the block is entered
     Row(
