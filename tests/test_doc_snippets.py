@@ -252,23 +252,20 @@ def _disconnect(receiver: Any) -> None:
 
 
 def test_readme_quick_start_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """README.md: the quick start's transfer view moves the amount between two accounts."""
+    """README.md: the quick start runs as pasted, with nothing defined beforehand, and its
+    transfer view moves the amount between its two accounts."""
     monkeypatch.chdir(tmp_path)  # its database is the relative sqlite:///app.db
-    namespace: dict[str, Any] = {"Account": Account}
+    namespace: dict[str, Any] = {}
     run_page("README", namespace)
-    app, txn = namespace["app"], namespace["txn"]
-    with app.app_context():
-        PreludeBase.metadata.create_all(txn.engine)
-        with atomic():
-            txn.session.add_all([Account(id=1, balance=10), Account(id=2, balance=0)])
+    app, txn, account = namespace["app"], namespace["txn"], namespace["Account"]
     try:
-        response = app.test_client().post("/accounts/1/transfer/2", json={"amount": 4})
+        response = app.test_client().post("/accounts/1/transfer/2", json={"amount": 5})
         with app.app_context():
-            balances = [txn.session.get(Account, i).balance for i in (1, 2)]
+            balances = [txn.session.get(account, i).balance for i in (1, 2)]
     finally:
         with app.app_context():
             txn.engine.dispose()
-    assert (response.json, balances) == ({"ok": True}, [6, 4])
+    assert (response.json, balances) == ({"ok": True}, [95, 5])
 
 
 def test_testing_page_runs() -> None:
