@@ -34,7 +34,7 @@ from ._savepoint import Savepoint
 from ._session import prepare
 from ._state import AppState, app_state, async_database_of
 from ._transaction import Attempt, current, current_on
-from ._view import keep_request_body, rewind_request_body, vetoed
+from ._view import keep_request_body, mark_wrapped, rewind_request_body, vetoed
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -119,6 +119,7 @@ class Atomic(Arguments):
                     attempt.vetoed = vetoed(rv, options.veto, atomic_call)
             return rv
 
+        mark_wrapped(func, atomic_call)
         return atomic_call
 
     def _decorate_coroutine(self, func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -140,6 +141,7 @@ class Atomic(Arguments):
                     attempt.vetoed = vetoed(rv, options.veto, atomic_call)
             return rv
 
+        mark_wrapped(func, atomic_call)
         return atomic_call
 
     # -- with block ----------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import weakref
@@ -30,6 +31,7 @@ from ._listeners import watch
 from ._nplusone import guard_for
 from ._signals import payload, send_rolled_back
 from ._state import EXTENSION_KEY, AppState, app_state
+from ._view import check_route_order
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -106,6 +108,7 @@ class FlaskTxn:
         if async_database is not None:
             weakref.finalize(app, async_database.close)
         app.extensions[EXTENSION_KEY] = self
+        app.before_request(functools.partial(_check_routes_once, app, self._states[app]))
         _always_remove_at_teardown(app, self)
 
     @property
@@ -188,6 +191,14 @@ def _report_discarded(
     # After a failure the rollback is the expected outcome and the failure is the
     # news: raising here would hide it behind this error, so only log.
     log.warning(message)
+
+
+def _check_routes_once(app: Flask, state: AppState) -> None:
+    """At the app's first request, when every route is registered: refuse a route
+    that serves a function '@atomic' wrapped instead of the wrapper."""
+    if not state.routes_checked:
+        check_route_order(app)
+        state.routes_checked = True
 
 
 def _always_remove_at_teardown(app: Flask, ext: FlaskTxn) -> None:

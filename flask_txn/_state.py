@@ -34,6 +34,8 @@ class AppState:
     registry: ScopedRegistry[Session]
     #: for atomic coroutines; None when the app has no async database URL.
     async_database: AsyncDatabase | None
+    #: the routes were checked for '@atomic' written above the route decorator.
+    routes_checked: bool = False
 
 
 def app_state(extension: Any = None, app: Any = None, *, user: str = "Working") -> AppState:

@@ -3,6 +3,7 @@ and the rollback of a view that returns an error status."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,33 @@ from flask import current_app, has_request_context, request
 from werkzeug.wrappers import Response
 
 from ._config import RetryPolicy, StatusVeto
+from ._errors import UsageError
+
+#: Set on a function that ``@atomic`` wrapped: the wrapper, which is what a route
+#: must serve for the view to run in a transaction.
+_WRAPPED_BY = "__flask_txn_wrapped_by__"
+
+
+def mark_wrapped(func: Callable[..., Any], wrapper: Callable[..., Any]) -> None:
+    """Remember on ``func`` that ``wrapper`` is its transaction (after ``functools.wraps``,
+    which would otherwise copy the mark onto the wrapper)."""
+    # A builtin or a bound method takes no attributes; no route serves one unwrapped.
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(func, _WRAPPED_BY, wrapper)
+
+
+def check_route_order(app: Any) -> None:
+    """Refuse a route that serves a function ``@atomic`` wrapped, instead of the wrapper."""
+    for endpoint, view in app.view_functions.items():
+        wrapper = getattr(view, _WRAPPED_BY, None)
+        if wrapper is not None and wrapper is not view:
+            raise UsageError(
+                f"The route of endpoint {endpoint!r} serves {view.__qualname__!r} without its"
+                " transaction: '@atomic' was written above the route decorator, which had"
+                " already registered the plain function, so the view runs with no"
+                " transaction and its writes are lost. Put '@atomic' below '@app.route'"
+                " (or '@bp.post', ...), right above the function."
+            )
 
 
 def keep_request_body(policy: RetryPolicy | None) -> bytes | None:

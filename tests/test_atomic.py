@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -869,3 +870,56 @@ def test_extension_atomic_refuses_an_unknown_argument(app_txn: Any) -> None:
         ),
     ):
         txn.atomic(isolaton="SERIALIZABLE")
+
+
+def test_atomic_above_the_route_decorator_is_refused_at_the_first_request(app_txn: Any) -> None:
+    """'@atomic' above '@app.post' registers the plain function: the first request
+    raises UsageError naming the endpoint and the fix, instead of losing the write."""
+    app, txn = app_txn
+
+    @atomic
+    @app.post("/add")
+    def add() -> str:
+        txn.session.add(Item(name="lost"))
+        return "ok"
+
+    with pytest.raises(UsageError, match=re.escape("The route of endpoint 'add' serves")) as raised:
+        app.test_client().post("/add")
+    assert "Put '@atomic' below '@app.route'" in str(raised.value)
+    assert count_items(app, txn) == 0
+
+
+def test_atomic_below_the_route_decorator_and_wrapped_helpers_pass_the_check(
+    app_txn: Any,
+) -> None:
+    """The right order, under other decorators too, and an '@atomic' helper that no
+    route serves, pass the first request's check."""
+    app, txn = app_txn
+
+    def logged(func: Any) -> Any:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return func(*args, **kwargs)
+
+        return wrapper
+
+    def helper() -> None:
+        txn.session.add(Item(name="by helper"))
+
+    atomic_helper = atomic(helper)
+
+    @app.post("/add")
+    @logged
+    @atomic
+    def add() -> str:
+        txn.session.add(Item(name="by view"))
+        return "ok"
+
+    @app.post("/helped")
+    def helped() -> str:
+        atomic_helper()
+        return "ok"
+
+    client = app.test_client()
+    assert [client.post(path).status_code for path in ("/add", "/helped")] == [200, 200]
+    assert count_items(app, txn) == 2

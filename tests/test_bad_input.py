@@ -417,6 +417,12 @@ TABLE = [
         arrange=_decorate(Flask),
         says=("'atomic' cannot decorate the class 'Flask'", "Decorate the methods", "decorators"),
     ),
+    Row(
+        "atomic-above-route",
+        UsageError,
+        "first request",
+        "test_atomic.py::test_atomic_above_the_route_decorator_is_refused_at_the_first_request",
+    ),
     # -- where and how atomic is used, checked when the block is entered
     Row(
         "async-without-async-url",
