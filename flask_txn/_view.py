@@ -20,8 +20,9 @@ _WRAPPED_BY = "__flask_txn_wrapped_by__"
 
 
 def mark_wrapped(func: Callable[..., Any], wrapper: Callable[..., Any]) -> None:
-    """Remember on ``func`` that ``wrapper`` is its transaction (after ``functools.wraps``,
-    which would otherwise copy the mark onto the wrapper)."""
+    """Remember on ``func`` that ``wrapper`` is its transaction."""
+    # functools.wraps copied the mark of an earlier '@atomic' of func onto the wrapper.
+    vars(wrapper).pop(_WRAPPED_BY, None)
     # A builtin or a bound method takes no attributes; no route serves one unwrapped.
     with contextlib.suppress(AttributeError, TypeError):
         setattr(func, _WRAPPED_BY, wrapper)
@@ -29,11 +30,14 @@ def mark_wrapped(func: Callable[..., Any], wrapper: Callable[..., Any]) -> None:
 
 def check_route_order(app: Any) -> None:
     """Refuse a route that serves a function ``@atomic`` wrapped, instead of the wrapper."""
-    for endpoint, view in app.view_functions.items():
+    views: dict[str, Callable[..., Any]] = app.view_functions
+    for endpoint, view in views.items():
         wrapper = getattr(view, _WRAPPED_BY, None)
-        if wrapper is not None and wrapper is not view:
+        # Only the very function '@atomic' wrapped: another decorator's wrapper
+        # carries a copy of the mark without being that function.
+        if wrapper is not None and getattr(wrapper, "__wrapped__", None) is view:
             raise UsageError(
-                f"The route of endpoint {endpoint!r} serves {view.__qualname__!r} without its"
+                f"The route of endpoint {endpoint!r} serves {wrapper.__qualname__!r} without its"
                 " transaction: '@atomic' was written above the route decorator, which had"
                 " already registered the plain function, so the view runs with no"
                 " transaction and its writes are lost. Put '@atomic' below '@app.route'"

@@ -920,6 +920,17 @@ def test_atomic_below_the_route_decorator_and_wrapped_helpers_pass_the_check(
         atomic_helper()
         return "ok"
 
+    def twice() -> str:
+        txn.session.add(Item(name="twice"))
+        return "ok"
+
+    # One function wrapped twice, under two routes: each route serves its own wrapper.
+    app.post("/first", endpoint="first")(atomic(twice))
+    app.post("/second", endpoint="second")(atomic(twice))
+    # A function '@atomic' wrapped for other callers, routed under another decorator.
+    app.post("/plain-logged", endpoint="plain_logged")(logged(helper))
+
     client = app.test_client()
-    assert [client.post(path).status_code for path in ("/add", "/helped")] == [200, 200]
-    assert count_items(app, txn) == 2
+    paths = ("/add", "/helped", "/first", "/second")
+    assert [client.post(path).status_code for path in paths] == [200] * 4
+    assert count_items(app, txn) == 4
