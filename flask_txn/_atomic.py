@@ -299,9 +299,13 @@ _FAMILIAR = {
 }
 
 
+#: The arguments ``atomic`` takes, in signature order (read once: blocks are made per request).
+_ARGUMENTS = tuple(name for name in inspect.signature(Atomic).parameters if name[0] != "_")
+
+
 def check_names(options: dict[str, Any]) -> None:
     """Refuse an argument ``atomic`` does not take, with the closest it does."""
-    allowed = [name for name in inspect.signature(Atomic).parameters if not name.startswith("_")]
+    allowed = _ARGUMENTS
     for name in options:
         if name not in allowed:
             close = _FAMILIAR.get(name) or next(
