@@ -129,9 +129,7 @@ def variants(url: sa.URL) -> Iterator[Variant]:
 
         database = txn._states[app].async_database
         assert database is not None
-        yield Variant(
-            name, app, database.sync_engine, lambda d=database: asyncio.run(d.engine.dispose())
-        )
+        yield Variant(name, app, database.sync_engine, database.close)
 
     engine = create_async_engine(psycopg, poolclass=NullPool)
     by_hand = async_sessionmaker(engine, expire_on_commit=False)

@@ -132,7 +132,7 @@ def _async_views(url: str, rounds: int, seconds: float) -> dict[str, list[Run]]:
         asyncio.run(engine.dispose())
         with app.app_context():
             txn.engine.dispose()
-        asyncio.run(txn._states[app].async_database.engine.dispose())
+        txn._states[app].async_database.close()
 
 
 def _requests(app: Flask) -> Callable[[], object]:

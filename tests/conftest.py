@@ -6,7 +6,6 @@ server instead of starting one.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from collections import Counter
@@ -94,7 +93,7 @@ def make_app(database_url: str) -> Iterator[AppFactory]:
         engine.dispose()
         database = txn._states[app].async_database
         if database is not None:
-            asyncio.run(database.engine.dispose())  # pooled psycopg 3 connections
+            database.close()  # pooled psycopg 3 connections
 
 
 @pytest.fixture

@@ -79,7 +79,7 @@ def async_app(request: pytest.FixtureRequest, make_app: Any, postgresql_url: str
     app.extensions["test-async-connections"] = connections
     yield app, txn
     assert connections.held == 0, "a request kept its async connection"
-    asyncio.run(txn._states[app].async_database.engine.dispose())
+    txn._states[app].async_database.close()
     assert connections.open == 0, "an async connection outlived its engine"
 
 
@@ -277,7 +277,7 @@ def test_async_block_that_cannot_begin_rolls_back_and_raises(postgresql_url: str
         proxy.stop()
         with refusing.app_context():
             refusing_txn.engine.dispose()
-            asyncio.run(refusing_txn._states[refusing].async_database.engine.dispose())
+            refusing_txn._states[refusing].async_database.close()
     assert reasons == ["error"]
 
 
