@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
     # None: "warn" when the app is in debug or testing mode, else "off" (init_app).
     "TXN_NPLUSONE": None,
     "TXN_NPLUSONE_THRESHOLD": 2,
+    "TXN_ERROR_HANDLERS": True,
     "TXN_ASYNC_DATABASE_URI": None,
     "TXN_ASYNC_ENGINE_OPTIONS": {},
 }
@@ -106,6 +107,8 @@ class Settings:
     #: ``TXN_NPLUSONE_THRESHOLD``: lazy loads of one relationship, for the objects of
     #: one query, that make an N+1.
     nplusone_threshold: int
+    #: ``TXN_ERROR_HANDLERS``: answer database failures with 503/502 by default.
+    error_handlers: bool
 
 
 def hide_password(value: object) -> str:
@@ -167,6 +170,7 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
         ),
         nplusone=_check_choice("TXN_NPLUSONE", config["TXN_NPLUSONE"], NPLUSONE_MODES),
         nplusone_threshold=_check_threshold(config["TXN_NPLUSONE_THRESHOLD"]),
+        error_handlers=check_flag("TXN_ERROR_HANDLERS", config["TXN_ERROR_HANDLERS"]),
     )
 
 

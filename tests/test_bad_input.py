@@ -240,6 +240,14 @@ TABLE = [
         keys=("TXN_NPLUSONE_THRESHOLD",),
     ),
     Row(
+        "error-handlers-flag",
+        ConfigError,
+        "init_app",
+        arrange=_config(TXN_ERROR_HANDLERS="yes"),
+        says=("'TXN_ERROR_HANDLERS'", "'yes'", "True or False"),
+        keys=("TXN_ERROR_HANDLERS",),
+    ),
+    Row(
         "connect-timeout-type",
         ConfigError,
         "init_app",
