@@ -21,12 +21,19 @@ copyright = "the flask-txn authors"
 release = flask_txn.__version__
 version = release
 
-extensions = ["myst_parser", "sphinx.ext.autodoc"]
+extensions = ["myst_parser", "sphinx.ext.autodoc", "pallets_sphinx_themes"]
 myst_enable_extensions = ["colon_fence", "deflist"]
 exclude_patterns = ["_build"]
 autodoc_member_order = "bysource"
 
-html_theme = "alabaster"
+# The theme of Flask's own docs, which Flask users know.
+html_theme = "flask"
+html_sidebars = {"**": ["localtoc.html", "relations.html", "searchbox.html"]}
+html_title = f"flask-txn {release}"
+# The banner's script asks PyPI for the newest version: these pages load nothing from elsewhere.
+version_banner = False
+html_static_path = ["_static"]
+html_css_files = ["flask-txn.css"]
 
 # The module that defines the signals and holds their attribute docstrings.
 SIGNALS_MODULE = "flask_txn._signals"
