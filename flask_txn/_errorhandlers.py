@@ -25,7 +25,14 @@ from typing import Any
 from flask import Blueprint, Flask, jsonify, request
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from werkzeug.exceptions import BadGateway, ServiceUnavailable
+from werkzeug.exceptions import (
+    BadGateway,
+    BadRequest,
+    Conflict,
+    HTTPException,
+    ServiceUnavailable,
+    UnprocessableEntity,
+)
 from werkzeug.wrappers import Response
 
 from ._errors import AmbiguousCommitError, ConfigError
@@ -44,6 +51,14 @@ _UNAVAILABLE = frozenset(
 #: and lock_not_available (lock_timeout, NOWAIT); MySQL's lock wait timeout.
 _TIMEOUT = frozenset({"57014", "55P03", "1205"})
 _HANDLED = (OperationalError, PoolTimeoutError, AmbiguousCommitError)
+#: The HTML page of each status flask-txn answers with.
+_PAGES: dict[int, type[HTTPException]] = {
+    400: BadRequest,
+    409: Conflict,
+    422: UnprocessableEntity,
+    502: BadGateway,
+    503: ServiceUnavailable,
+}
 #: JSON first: a client that accepts anything (curl, most HTTP libraries) gets JSON.
 _MEDIA_TYPES = ("application/json", "text/html")
 
@@ -170,20 +185,13 @@ def _answer(exc: Exception, *, retry_after: int) -> Response:
     message = _message(reason, exc, retry_after)
     # An ambiguous commit's SQLSTATE (40003, if any) is its cause's.
     code = sqlstate_of(exc.__cause__ or exc if isinstance(exc, AmbiguousCommitError) else exc)
-    if request.accept_mimetypes.best_match(_MEDIA_TYPES) == "text/html":
-        page = BadGateway if status == 502 else ServiceUnavailable
-        response = page(description=message).get_response()
-    else:
-        body: dict[str, Any] = {"error": message, "reason": reason}
-        if code is not None:
-            body["sqlstate"] = code
-        attempts = getattr(exc, "txn_attempts", None)
-        if attempts is not None:
-            body["attempts"] = attempts
-        response = jsonify(body)
-        response.status_code = status
-    response.headers["Retry-After"] = str(retry_after)
-    response.vary.add("Accept")
+    body: dict[str, Any] = {"error": message, "reason": reason}
+    if code is not None:
+        body["sqlstate"] = code
+    attempts = getattr(exc, "txn_attempts", None)
+    if attempts is not None:
+        body["attempts"] = attempts
+    response = error_response(status, body, retry_after)
     log.warning(
         "Answered %d (%s) for endpoint %r: %s%s",
         status,
@@ -192,4 +200,18 @@ def _answer(exc: Exception, *, retry_after: int) -> Response:
         type(exc).__name__,
         "" if code is None else f", SQLSTATE {code}",
     )
+    return response
+
+
+def error_response(status: int, body: dict[str, Any], retry_after: int | None) -> Response:
+    """``body`` as JSON, or Werkzeug's short HTML page with its ``error`` sentence for
+    a client that prefers HTML; with ``Retry-After`` if given."""
+    if request.accept_mimetypes.best_match(_MEDIA_TYPES) == "text/html":
+        response = _PAGES[status](description=body["error"]).get_response()
+    else:
+        response = jsonify(body)
+        response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    response.vary.add("Accept")
     return response

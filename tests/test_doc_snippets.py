@@ -23,7 +23,7 @@ from flask.views import MethodView
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from flask_txn import FlaskTxn, atomic, on_commit, testing
+from flask_txn import FlaskTxn, atomic, on_commit, testing, transaction_committed
 
 # The plugin is off in this suite (pyproject.toml): borrow the one fixture used here.
 txn_faults = testing.txn_faults
@@ -34,6 +34,7 @@ PAGES = [
     "async",
     "atomic",
     "config",
+    "idempotency",
     "locking",
     "nplusone",
     "reliability",
@@ -461,3 +462,23 @@ def test_nplusone_page_runs(
         " instead: select(SnippetAuthor).options(selectinload(SnippetAuthor.books)). Set"
         " 'TXN_NPLUSONE' to 'off' to silence this."
     ]
+
+
+def test_idempotency_page_runs(tmp_path: Path) -> None:
+    """idempotency.md: an order sent twice is placed once; the commit counter leaves
+    the replay out; the purge runs."""
+    namespace: dict[str, Any] = {}
+    run_page("idempotency", namespace, {"sqlite:///shop.db": f"sqlite:///{tmp_path / 'shop.db'}"})
+    app, txn = namespace["app"], namespace["txn"]
+    try:
+        key = {"Idempotency-Key": "another"}
+        for _ in range(2):
+            app.test_client().post("/orders", json={"item": "cake"}, headers=key)
+        assert (namespace["commits"], namespace["deleted"]) == (["place_order"], 0)
+        with app.app_context():
+            orders = txn.session.scalars(sa.select(namespace["Order"].item)).all()
+        assert orders == ["tea", "cake"]
+    finally:
+        transaction_committed.disconnect(namespace["count_commit"])
+        with app.app_context():
+            txn.engine.dispose()
