@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from blinker import NamedSignal
 from sphinx.application import Sphinx
 from sphinx.pycode import ModuleAnalyzer
 
@@ -35,22 +34,27 @@ version_banner = False
 html_static_path = ["_static"]
 html_css_files = ["flask-txn.css"]
 
-# The module that defines the signals and holds their attribute docstrings.
-SIGNALS_MODULE = "flask_txn._signals"
+# The private modules that define public data (the signals, the idempotency table)
+# and hold their attribute docstrings.
+DATA_MODULES = ("flask_txn._signals", "flask_txn._idempotency")
 
 
-def signal_docstring(
+def data_docstring(
     app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]
 ) -> None:
-    """Use a signal's attribute docstring instead of blinker's class docstring.
+    """Use a public datum's attribute docstring instead of its class's docstring.
 
     autodoc looks for attribute docstrings in the module a name is documented
-    under (``flask_txn``), but the signals are defined in a private module.
+    under (``flask_txn``), but these are defined in private modules.
     """
-    if what != "data" or not isinstance(obj, NamedSignal):
+    if what != "data":
         return
-    docs = ModuleAnalyzer.for_module(SIGNALS_MODULE).find_attr_docs()
-    lines[:] = docs[("", name.rpartition(".")[2])]
+    for module in DATA_MODULES:
+        docs = ModuleAnalyzer.for_module(module).find_attr_docs()
+        found = docs.get(("", name.rpartition(".")[2]))
+        if found is not None:
+            lines[:] = found
+            return
 
 
 def make_plots(app: Sphinx) -> None:
@@ -61,5 +65,5 @@ def make_plots(app: Sphinx) -> None:
 
 def setup(app: Sphinx) -> None:
     """Register the docstring hook and the plots."""
-    app.connect("autodoc-process-docstring", signal_docstring)
+    app.connect("autodoc-process-docstring", data_docstring)
     app.connect("builder-inited", make_plots)

@@ -41,7 +41,7 @@ R = TypeVar("R")
 
 log = logging.getLogger("flask_txn")
 
-#: The keys' own MetaData: give it to Alembic beside your models' (see the docs).
+#: The keys' own MetaData, ``idempotency_keys.metadata``.
 metadata = sa.MetaData()
 
 idempotency_keys = sa.Table(
@@ -56,7 +56,8 @@ idempotency_keys = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
-"""The table of stored responses, one row per (scope, key), in :data:`metadata`."""
+"""The table of stored responses, one row per (scope, key), in a ``MetaData`` of its
+own, ``idempotency_keys.metadata``: give that to Alembic beside your models'."""
 
 #: The longest key accepted, the column's length.
 MAX_KEY_LENGTH = 255
@@ -221,7 +222,7 @@ def _refuse(status: int, reason: str, message: str, *, retry_after: int | None =
 
 def purge_idempotency_keys() -> int:
     """Delete the expired keys of the current app's database, in a transaction of its
-    own; return how many. Run it from a scheduled job, or ``flask txn purge-keys``.
+    own; return how many. Run it from a scheduled job.
 
     .. versionadded:: 0.2.0
     """
