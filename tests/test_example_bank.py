@@ -231,7 +231,7 @@ def test_missing_idempotency_key_is_refused(bank: Flask) -> None:
     """400 naming the header when a transfer comes without a key."""
     response = bank.test_client().post("/transfers", json={"from": 1, "to": 2, "amount": 5})
     assert response.status_code == 400
-    assert "The 'Idempotency-Key' header must be 1 to 200 printable" in response.json["error"]
+    assert "needs an 'Idempotency-Key' header of 1 to 255 printable" in response.json["error"]
 
 
 # -- idempotency ----------------------------------------------------------------------
@@ -249,53 +249,33 @@ def test_repeated_key_returns_the_original_result(bank: Flask, path: str) -> Non
 
 
 def test_key_reused_for_another_transfer_is_refused(bank: Flask) -> None:
-    """422 naming the key and the transfer it was used for; nothing more moves."""
+    """422 naming the key; nothing more moves."""
     transfer(bank, "k1", amount=100)
     response = transfer(bank, "k1", amount=200)
     assert response.status_code == 422
-    assert (
-        "'Idempotency-Key' 'k1' was already used for another transfer (100 cents from 1 to 2)"
-        in (response.json["error"])
-    )
+    assert "'Idempotency-Key' 'k1' was already used for another request" in response.json["error"]
     assert ledger_rows(bank) == 1
 
 
 @pytest.mark.parametrize("path", ["/transfers", "/transfers/locked"])
 def test_racing_copies_of_a_key_apply_once(bank: Flask, path: str) -> None:
-    """Two copies of a request released together both get the one transfer they made."""
-    first, second = concurrently(
+    """Two copies of a request released together make one transfer: each copy gets it,
+    at once or (a copy that came while the first ran, on PostgreSQL) when resent after
+    its 409; the page counts one commit and the replays."""
+    answers = concurrently(
         lambda: transfer(bank, "race", path=path), lambda: transfer(bank, "race", path=path)
     )
-    assert (first.status_code, second.status_code) == (201, 201)
-    assert first.json == second.json
+    for number, answer in enumerate(answers):
+        if answer.status_code == 409:
+            assert answer.json["reason"] == "idempotency-key-in-flight"
+            answers[number] = transfer(bank, "race", path=path)
+    first, second = answers
+    assert (first.status_code, second.status_code, first.json) == (201, 201, second.json)
     assert ledger_rows(bank) == 1
     assert balances(bank) == [OPENING - 100, OPENING + 100, OPENING]
-
-
-def test_copies_of_a_key_overlapping_in_serializable_transactions_retry_then_replay(
-    pg_bank: Flask,
-) -> None:
-    """Both copies read 'no such key'; PostgreSQL aborts one (40001), its re-run replays."""
-    with overlap_at(pg_bank, lambda sql: sql.startswith("UPDATE bank_account")):
-        first, second = concurrently(
-            lambda: transfer(pg_bank, "race"), lambda: transfer(pg_bank, "race")
-        )
-    assert first.json == second.json
-    assert {
-        first.headers.get("Idempotent-Replayed"),
-        second.headers.get("Idempotent-Replayed"),
-    } == {
-        None,
-        "true",
-    }
-    # The copy that was re-run answered with the stored result: a replay, not a commit.
-    assert endpoint_counters(pg_bank) == {
-        "committed": 1,
-        "replayed": 1,
-        "retried": {"40001": 1},
-        "rolled_back": {},
-    }
-    assert ledger_rows(pg_bank) == 1
+    endpoint = {"/transfers": "bank.transfer", "/transfers/locked": "bank.transfer_locked"}[path]
+    counters = endpoint_counters(bank, endpoint)
+    assert (counters["committed"], counters["replayed"]) == (1, 1)
 
 
 # -- concurrency, retries and the counters ---------------------------------------------

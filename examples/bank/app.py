@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Flask
 
-from flask_txn import atomic
+from flask_txn import atomic, idempotency_keys
 
 from .models import Account, Base, txn
 from .monitor import Monitor
@@ -58,7 +58,10 @@ def create_app(database_url: str | None = None, **config: Any) -> Flask:
 def _create_tables(app: Flask) -> None:
     if app.config["BANK_RESET"]:
         Base.metadata.drop_all(txn.engine)
+        idempotency_keys.drop(txn.engine, checkfirst=True)
     Base.metadata.create_all(txn.engine)
+    # The responses @idempotent stores (a real app creates it in a migration).
+    idempotency_keys.create(txn.engine, checkfirst=True)
 
 
 def _open_accounts(count: int, opening: int) -> None:

@@ -6,7 +6,9 @@ Against a running server (loopback addresses only)::
 
 or, with no URL, against an app built in this process on a fresh SQLite file (or
 ``--database URL``). Some requests are sent twice at once with the same
-``Idempotency-Key``, as a client that resends after a timeout would.
+``Idempotency-Key``, as a client that resends after a timeout would; a copy
+answered 409 because the first is still running is sent again after its
+``Retry-After``, as the docs tell clients to.
 
 It prints how many transfers committed, were replayed, refused or failed, and how
 many times flask-txn re-ran a transaction, by SQLSTATE; then it checks that
@@ -49,6 +51,9 @@ MAX_THREADS = 64
 HTTP_TIMEOUT = 30.0
 
 #: (method, path, JSON body or None, headers) -> (status, JSON body, headers)
+#: How often a copy answered "409, the first copy is still running" is sent again.
+IN_FLIGHT_TRIES = 10
+
 Send = Callable[[str, str, Any, dict[str, str]], tuple[int, Any, dict[str, str]]]
 
 
@@ -299,7 +304,14 @@ def _send_all(
             return
         body = {"from": request.source, "to": request.target, "amount": request.amount}
         try:
-            status, answer, headers = send("POST", endpoint, body, {"Idempotency-Key": request.key})
+            for _ in range(IN_FLIGHT_TRIES):
+                status, answer, headers = send(
+                    "POST", endpoint, body, {"Idempotency-Key": request.key}
+                )
+                if not _in_flight(status, answer):
+                    break
+                # A copy of this key is still being handled: ask again for its answer.
+                time.sleep(float(headers.get("Retry-After", 1)))
         except Exception as exc:  # a dead server, a timeout: count it, go on
             with lock:
                 failures.append((request, f"{type(exc).__name__}: {exc}"))
@@ -311,6 +323,14 @@ def _send_all(
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="client") as pool:
         list(pool.map(one, plan))
     return outcomes, failures, skipped
+
+
+def _in_flight(status: int, answer: Any) -> bool:
+    return (
+        status == 409
+        and isinstance(answer, dict)
+        and answer.get("reason") == "idempotency-key-in-flight"
+    )
 
 
 def _stats(send: Send) -> dict[str, Any]:

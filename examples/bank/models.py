@@ -28,8 +28,9 @@ class Account(Base):
 class Transfer(Base):
     """One entry of the ledger: money moved from one account to another, in cents.
 
-    ``key`` is the client's ``Idempotency-Key``. It is unique, so the same request
-    can never be applied twice, whatever the timing of its copies.
+    ``key`` is the client's ``Idempotency-Key``, kept for the record. ``@idempotent``
+    answers a repeat of the key from its own table; the unique constraint here is
+    a last line of defence: the same key can never be applied twice.
     """
 
     __tablename__ = "bank_transfer"
@@ -39,7 +40,8 @@ class Transfer(Base):
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    key: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    # 255: the longest key @idempotent accepts.
+    key: Mapped[str] = mapped_column(sa.String(255), unique=True)
     source_id: Mapped[int] = mapped_column(sa.ForeignKey(Account.id), index=True)
     target_id: Mapped[int] = mapped_column(sa.ForeignKey(Account.id), index=True)
     amount: Mapped[int]

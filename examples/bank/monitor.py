@@ -11,14 +11,12 @@ import collections
 import threading
 from typing import Any
 
-from flask import Flask, current_app, g
+from flask import Flask, current_app
 
 from flask_txn import transaction_committed, transaction_retrying, transaction_rolled_back
 
 #: How many notifications the outbox keeps.
 OUTBOX_SIZE = 20
-#: The ``g`` attribute that marks the current attempt as a replay.
-_REPLAYED = "bank_replayed"
 
 
 class Monitor:
@@ -41,8 +39,11 @@ class Monitor:
         transaction_retrying.connect(self.on_retrying, sender=app)
         transaction_rolled_back.connect(self.on_rolled_back, sender=app)
 
-    def on_committed(self, app: Flask, *, endpoint: str | None, **extra: Any) -> None:
-        counter = self.replayed if g.get(_REPLAYED) else self.committed
+    def on_committed(
+        self, app: Flask, *, endpoint: str | None, replayed: bool, **extra: Any
+    ) -> None:
+        # A replay (@idempotent answered from its table) commits, but moved no money.
+        counter = self.replayed if replayed else self.committed
         with self._lock:
             counter[endpoint or "-"] += 1
 
@@ -104,12 +105,6 @@ def monitor() -> Monitor:
     """The current app's monitor."""
     found: Monitor = current_app.extensions["bank"]
     return found
-
-
-def mark_replay(replayed: bool) -> None:
-    """Say whether the current attempt answers with a stored result; each attempt says
-    it anew, since an attempt that is re-run may find the key the second time."""
-    setattr(g, _REPLAYED, replayed)
 
 
 def money(cents: int) -> str:
