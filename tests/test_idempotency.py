@@ -4,15 +4,22 @@ response, whatever the timing; concurrent copies are driven with events, no slee
 from __future__ import annotations
 
 import datetime
+import re
+import shutil
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import alembic
+import alembic.command
+import alembic.config
 import pytest
 import sqlalchemy as sa
 from flask import Flask, request
 
 from flask_txn import (
+    FlaskTxn,
     UsageError,
     atomic,
     idempotency_keys,
@@ -24,6 +31,7 @@ from flask_txn import (
 from .conftest import Attempts, Item
 
 TIMEOUT = 30
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 @pytest.fixture
@@ -312,3 +320,54 @@ def test_a_streamed_response_is_refused(shop: Any) -> None:
     with pytest.raises(UsageError, match="cannot store a streamed response"):
         app.test_client().post("/stream", headers={"Idempotency-Key": "k"})
     assert count(app, txn, idempotency_keys) == 0
+
+
+def test_the_alembic_recipe_creates_the_table(tmp_path: Path, database_url: str) -> None:
+    """The docs' env.py line, given to Alembic's autogenerate: the migration it writes
+    creates the table, and @idempotent works on it."""
+    (recipe,) = re.findall(
+        r"^```\{code-block\} python\n(.*?)^```", (DOCS / "idempotency.md").read_text(), re.S | re.M
+    )
+    scripts = tmp_path / "migrations"
+    (scripts / "versions").mkdir(parents=True)
+    template = Path(alembic.__file__).parent / "templates" / "generic" / "script.py.mako"
+    shutil.copy(template, scripts)
+    (scripts / "env.py").write_text(
+        "from alembic import context\n"
+        "from sqlalchemy import create_engine\n"
+        "from sqlalchemy.orm import DeclarativeBase\n\n\n"
+        "class Base(DeclarativeBase):\n    pass\n\n\n"
+        + recipe
+        + "\nwith create_engine(context.config.get_main_option('sqlalchemy.url')).connect() as c:\n"
+        "    context.configure(connection=c, target_metadata=target_metadata)\n"
+        "    with context.begin_transaction():\n"
+        "        context.run_migrations()\n"
+    )
+    config = alembic.config.Config()
+    config.set_main_option("script_location", str(scripts))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    engine = sa.create_engine(database_url)
+    try:
+        alembic.command.revision(config, "idempotency keys", autogenerate=True)
+        alembic.command.upgrade(config, "head")
+        assert "flask_txn_idempotency_key" in sa.inspect(engine).get_table_names()
+        app = Flask("migrated")
+        app.config["TXN_DATABASE_URI"] = database_url
+        txn = FlaskTxn(app)
+
+        @app.post("/")
+        @atomic
+        @idempotent
+        def act() -> str:
+            return "done"
+
+        client = app.test_client()
+        answers = [client.post("/", headers={"Idempotency-Key": "k"}) for _ in range(2)]
+        assert [a.headers.get("Idempotent-Replayed") for a in answers] == [None, "true"]
+        with app.app_context():
+            txn.engine.dispose()
+    finally:
+        with engine.begin() as connection:
+            idempotency_keys.drop(connection, checkfirst=True)
+            connection.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
+        engine.dispose()
