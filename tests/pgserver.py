@@ -49,7 +49,8 @@ def find_bindir() -> Path:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -85,7 +86,7 @@ class PostgresServer:
         self.bindir = bindir
         self.folder = folder
         self.user = user
-        self.port = _free_port()
+        self.port = free_port()
         self.data = folder / "data"
         self.log = folder / "server.log"
 

@@ -13,7 +13,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import socket
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,8 @@ from flask_txn import (
 )
 from flask_txn._config import DEFAULTS
 from flask_txn.testing import Faults
+
+from .pgserver import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "reliability.md"
@@ -680,12 +681,6 @@ def test_wrong_use_fails_early(row: Row, tmp_path: Path) -> None:
 SECRET = "s3cr:et/P@ss"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _texts(exc: BaseException) -> list[str]:
     """What an exception shows: str, repr and notes, through its cause and context chain."""
     texts = []
@@ -701,7 +696,7 @@ def _texts(exc: BaseException) -> list[str]:
 def test_the_password_never_appears(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     """No log line, exception message or repr that flask-txn produces shows a URL's password."""
     quoted = urllib.parse.quote(SECRET, safe="")
-    url = f"postgresql+psycopg2://user:{quoted}@127.0.0.1:{_free_port()}/db"
+    url = f"postgresql+psycopg2://user:{quoted}@127.0.0.1:{free_port()}/db"
     shown: list[str] = []
     with caplog.at_level(logging.DEBUG):
         # Config errors that show the URL.

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from .pgserver import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 #: Read by tests/forkapp.py (not imported here: importing it runs its query).
 DATABASE_URI_ENV = "FLASK_TXN_FORKAPP_DATABASE_URI"
@@ -41,12 +43,6 @@ class Served:
 
     def values(self, key: str) -> list[Any]:
         return [answer.body.get(key) for answer in self.answers]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_until_listening(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
@@ -100,7 +96,7 @@ def _from_both_workers(port: int) -> list[Answer]:
 @pytest.fixture(scope="module")
 def served(postgresql_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """tests/forkapp.py under gunicorn --preload with 2 sync workers, after requests to both."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
     command = [
         sys.executable,

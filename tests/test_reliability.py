@@ -42,6 +42,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from examples.bank.models import txn
 
 from . import pgserver, tcpproxy
+from .pgserver import free_port
 from .reliabilityapp import CONFIG_ENV, REPORTS_ENV, build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,16 +292,10 @@ def threaded(app: Flask) -> Iterator[Served]:
         thread.join(WAIT)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def gunicorn(url: str, config: dict[str, Any], folder: Path) -> Iterator[Served]:
     """The app under ``gunicorn --preload`` with 2 gthread workers of 8 threads each."""
-    port = _free_port()
+    port = free_port()
     reports = folder / "reports"
     reports.mkdir()
     log = folder / "gunicorn.log"
@@ -1290,7 +1285,7 @@ def test_retries_exhausted_is_503(postgresql_url: str, caplog: pytest.LogCapture
 
 def test_unreachable_database_is_503() -> None:
     """Nothing listens at the database's address: 503 database-unavailable, no SQLSTATE."""
-    app, ext = responses_app(f"postgresql+psycopg2://user:s3cret@127.0.0.1:{_free_port()}/db")
+    app, ext = responses_app(f"postgresql+psycopg2://user:s3cret@127.0.0.1:{free_port()}/db")
     status, retry_after, body = answer_of(app.test_client().post("/read"))
     with app.app_context():
         ext.engine.dispose()
@@ -1405,7 +1400,7 @@ def test_retries_exhausted_is_503_by_default(postgresql_url: str) -> None:
 
 def test_unreachable_database_is_503_by_default() -> None:
     """Nothing listens at the database's address: 503 database-unavailable by default."""
-    app, ext = default_app(f"postgresql+psycopg2://user:s3cret@127.0.0.1:{_free_port()}/db")
+    app, ext = default_app(f"postgresql+psycopg2://user:s3cret@127.0.0.1:{free_port()}/db")
     status, retry_after, body = answer_of(app.test_client().post("/conflict"))
     with app.app_context():
         ext.engine.dispose()
