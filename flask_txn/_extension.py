@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from . import _session
 from ._atomic import Atomic, check_names, current_async_session, decorate_or_open
+from ._cli import cli
 from ._config import (
     DEFAULTS,
     Settings,
@@ -108,6 +109,7 @@ class FlaskTxn:
         if async_database is not None:
             weakref.finalize(app, async_database.close)
         app.extensions[EXTENSION_KEY] = self
+        app.cli.add_command(cli)  # flask txn check
         app.before_request(functools.partial(_check_routes_once, app, self._states[app]))
         _always_remove_at_teardown(app, self)
 
