@@ -26,7 +26,7 @@ cli = AppGroup("txn", help="flask-txn: check the app's database and transaction 
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when a warning fires, too.")
 def check_command(as_json: bool, strict: bool) -> None:
-    """Connect to the app's database and report it, its settings and risky combinations.
+    """Connect to the database; report it, the settings and their risks.
 
     Exits with status 1 if the database cannot be reached (or, with --strict, if
     any warning fires), so that a deploy pipeline can run it. The password is
