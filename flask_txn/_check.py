@@ -9,6 +9,7 @@ hold the database URL passes through :func:`hide_password`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import os
@@ -63,7 +64,7 @@ class _Server:
 
 
 def check(state: AppState) -> Report:
-    """Connect with the app's engines and report what they find and what is risky.
+    """Connect with the app's engines; report what they find, and what is risky.
 
     :param state: the app's flask-txn state.
     """
@@ -219,7 +220,8 @@ def _async(state: AppState, report: Report) -> str:
         return "none" if url is None else f"{hide_password(url)} (asyncio support not installed)"
     url = database.engine.url
     try:
-        database._connect_once()
+        # The CLI runs no event loop: the first connection is made as a view's would be.
+        asyncio.run(database.connected())
     except Exception as exc:
         report.problem = report.problem or _cannot_connect(url, exc)
         return f"{hide_password(url)}, cannot connect"
