@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from . import _session
 from ._atomic import Atomic, check_names, current_async_session, decorate_or_open
+from ._cli import cli
 from ._config import (
     DEFAULTS,
     Settings,
@@ -111,6 +112,7 @@ class FlaskTxn:
         app.extensions[EXTENSION_KEY] = self
         if settings.error_handlers:
             register_default_error_handlers(app)
+        app.cli.add_command(cli)  # flask txn check
         app.before_request(functools.partial(_check_routes_once, app, self._states[app]))
         _always_remove_at_teardown(app, self)
 
