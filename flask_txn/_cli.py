@@ -1,5 +1,7 @@
 """The ``flask txn`` commands: a click group that ``init_app`` adds to the app's CLI.
 
+``flask txn purge-idempotency-keys`` deletes the expired idempotency keys.
+
 ``flask txn check`` prints what :func:`~flask_txn._check.check` finds, as lines
 or as JSON, and exits 0 when the database answers, 1 when it does not (or, with
 ``--strict``, when a warning fired), and 2 on a usage error (click's own).
@@ -14,6 +16,7 @@ import click
 from flask.cli import AppGroup
 
 from ._check import Report, check
+from ._idempotency import purge_idempotency_keys
 from ._state import app_state
 
 #: Exit status: the database cannot be reached, or a warning fired under ``--strict``.
@@ -40,6 +43,17 @@ def check_command(as_json: bool, strict: bool) -> None:
         _print(report, failed=failed)
     if failed:
         raise SystemExit(FAILED)
+
+
+@cli.command("purge-idempotency-keys")
+def purge_command() -> None:
+    """Delete the expired idempotency keys, in one transaction; print how many.
+
+    Run it from a scheduled job (cron, a Kubernetes CronJob) as often as the keys
+    should not pile up: once an hour is plenty for the default 24-hour expiry.
+    """
+    deleted = purge_idempotency_keys()
+    click.echo(f"deleted {deleted} expired idempotency key{'' if deleted == 1 else 's'}")
 
 
 def _as_dict(report: Report, *, failed: bool) -> dict[str, object]:

@@ -222,7 +222,8 @@ def _refuse(status: int, reason: str, message: str, *, retry_after: int | None =
 
 def purge_idempotency_keys() -> int:
     """Delete the expired keys of the current app's database, in a transaction of its
-    own; return how many. Run it from a scheduled job.
+    own; return how many. Run it from a scheduled job, or run
+    ``flask txn purge-idempotency-keys``.
 
     .. versionadded:: 0.2.0
     """

@@ -371,3 +371,21 @@ def test_the_alembic_recipe_creates_the_table(tmp_path: Path, database_url: str)
             idempotency_keys.drop(connection, checkfirst=True)
             connection.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
         engine.dispose()
+
+
+def test_the_purge_command_deletes_expired_keys(shop: Any) -> None:
+    """flask txn purge-idempotency-keys: the expired keys go, the others stay."""
+    app, txn, _ = shop
+    for key in ("old", "new"):
+        post(app, key)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
+    with app.app_context(), atomic():
+        txn.session.execute(
+            sa.update(idempotency_keys)
+            .where(idempotency_keys.c.key == "old")
+            .values(expires_at=past)
+        )
+    result = app.test_cli_runner().invoke(args=["txn", "purge-idempotency-keys"])
+    assert (result.exit_code, result.output) == (0, "deleted 1 expired idempotency key\n")
+    with app.app_context():
+        assert txn.session.scalars(sa.select(idempotency_keys.c.key)).all() == ["new"]
