@@ -25,6 +25,7 @@ from flask_txn import opentelemetry as txn_otel
 from flask_txn.opentelemetry import instrument, uninstrument
 
 from .conftest import Item
+from .test_async import fails_once
 
 # The plugin is off in this suite (pyproject.toml): borrow the fixture used here.
 txn_faults = testing.txn_faults
@@ -456,22 +457,12 @@ def test_nothing_secret_is_recorded(instrumented: Any, telemetry: Telemetry) -> 
     assert [v for v in values if secret in v or "INSERT" in v or "duplicate key" in v] == []
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_async_view(make_app: Any, postgresql_url: str, telemetry: Telemetry) -> None:
     """An async view's retry and commit reach the span current in its coroutine."""
     url = sa.make_url(postgresql_url).set(drivername="postgresql+psycopg")
     app, txn = make_app(url, TXN_RETRY_SLEEP=lambda _: None)
-    calls: list[int] = []
-
-    @app.post("/")
-    @atomic
-    async def flaky() -> str:
-        calls.append(1)
-        if len(calls) == 1:
-            await txn.async_session.execute(
-                sa.text("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40001'; END $$")
-            )
-        return "ok"
-
+    fails_once(app, txn)  # a real 40001 on the first attempt
     instrument(app, meter_provider=telemetry.meter_provider)
     try:
         assert telemetry.request(app, "/").status_code == 200
