@@ -271,9 +271,9 @@ def _error(error: BaseException | None, sqlstate: str | None) -> Attributes:
     if sqlstate is not None:
         return {DB_RESPONSE_STATUS_CODE: sqlstate, ERROR_TYPE: sqlstate}
     kind = type(error)
-    name = (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
-    return {ERROR_TYPE: name}
+    module = kind.__module__
+    if module == "builtins":
+        return {ERROR_TYPE: kind.__qualname__}
+    if module.startswith(f"{SCOPE}._"):
+        module = SCOPE  # flask-txn's errors by their public names: flask_txn.UsageError
+    return {ERROR_TYPE: f"{module}.{kind.__qualname__}"}

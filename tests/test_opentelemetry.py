@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from opentelemetry.metrics import Meter, NoOpCounter, NoOpMeter, NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -20,11 +22,11 @@ from opentelemetry.semconv._incubating.attributes.db_attributes import DbSystemN
 from opentelemetry.semconv.attributes import db_attributes, error_attributes
 
 import flask_txn
-from flask_txn import atomic, testing
+from flask_txn import UsageError, atomic, on_commit, testing
 from flask_txn import opentelemetry as txn_otel
 from flask_txn.opentelemetry import instrument, uninstrument
 
-from .conftest import Item
+from .conftest import Item, count_items
 from .test_async import fails_once
 
 # The plugin is off in this suite (pyproject.toml): borrow the fixture used here.
@@ -120,6 +122,24 @@ def key(**attributes: Any) -> frozenset[tuple[str, Any]]:
 def system(app: Flask, txn: Any) -> str:
     with app.app_context():
         return str(txn.engine.dialect.name)
+
+
+def serve_flaky(app: Flask, txn: Any, then: Callable[[], object] = lambda: None) -> Flask:
+    """Serve ``POST /``: a view whose first attempt fails and is retried; the second
+    calls ``then()``."""
+    calls: list[int] = []
+
+    @app.post("/")
+    @atomic(retry_on=Conflict)
+    def flaky() -> str:
+        calls.append(1)
+        txn.session.add(Item(name="a"))
+        if len(calls) == 1:
+            raise Conflict
+        then()
+        return "ok"
+
+    return app
 
 
 def test_commit_annotates_the_span_and_counts(instrumented: Any, telemetry: Telemetry) -> None:
@@ -271,6 +291,60 @@ def test_error_type_without_sqlstate(instrumented: Any, telemetry: Telemetry) ->
     assert (ended["error.type"], ended["flask_txn.outcome"]) == ("ValueError", "error")
 
 
+def test_error_type_of_flask_txn_errors(instrumented: Any, telemetry: Telemetry) -> None:
+    """flask-txn's own errors are named as the package exports them, not by the private
+    module that defines them."""
+    app, txn = instrumented
+
+    @app.post("/")
+    @atomic
+    def early_commit() -> str:
+        txn.session.commit()
+        return "never"
+
+    with pytest.raises(UsageError):
+        telemetry.request(app, "/")
+    (event,) = telemetry.span().events
+    assert dict(event.attributes or {})["error.type"] == "flask_txn.UsageError"
+
+
+class BrokenCounter(NoOpCounter):
+    """A counter whose pipeline is down: it raises where a real one records."""
+
+    def add(self, *_: Any, **__: Any) -> None:
+        raise RuntimeError("the metrics pipeline is down")
+
+
+class BrokenMeter(NoOpMeter):
+    """A meter whose counters raise."""
+
+    def create_counter(self, name: str, *_: Any, **__: Any) -> BrokenCounter:
+        return BrokenCounter(name)
+
+
+class BrokenMeterProvider(NoOpMeterProvider):
+    """A meter provider whose meters' counters raise."""
+
+    def get_meter(self, name: str, *_: Any, **__: Any) -> Meter:
+        return BrokenMeter(name)
+
+
+def test_failing_telemetry_changes_nothing(app_txn: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Telemetry that raises is logged and skipped: the retry, the commit, the on_commit
+    callback and the response are as without it."""
+    app, txn = app_txn
+    ran: list[str] = []
+    app = serve_flaky(app, txn, then=lambda: on_commit(lambda: ran.append("callback")))
+    instrument(app, meter_provider=BrokenMeterProvider())
+    try:
+        response = app.test_client().post("/")
+    finally:
+        uninstrument(app)
+    assert (response.status_code, ran, count_items(app, txn)) == (200, ["callback"], 1)
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(logged) == 3, logged  # rolled back (retry), retrying, committed
+
+
 def test_veto_and_teardown(instrumented: Any, telemetry: Telemetry) -> None:
     """A veto ends its block with outcome 'veto'; writes discarded at teardown are a
     rollback counted with reason 'teardown', but no block ended: the span is left alone."""
@@ -369,22 +443,6 @@ def test_instrumenting_twice_counts_once(app_txn: Any, telemetry: Telemetry) -> 
     assert list(telemetry.counts("flask_txn.commits").values()) == [1]
     assert [e.name for e in telemetry.span().events] == ["flask_txn.transaction"]
     assert every.points("flask_txn.commits") == []
-
-
-def serve_flaky(app: Flask, txn: Any) -> Flask:
-    """Serve ``POST /``: a view whose first attempt fails and is retried."""
-    calls: list[int] = []
-
-    @app.post("/")
-    @atomic(retry_on=Conflict)
-    def flaky() -> str:
-        calls.append(1)
-        txn.session.add(Item(name="a"))
-        if len(calls) == 1:
-            raise Conflict
-        return "ok"
-
-    return app
 
 
 def test_every_app_and_only_instrumented_apps(make_app: Any, telemetry: Telemetry) -> None:
