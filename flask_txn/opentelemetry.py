@@ -123,6 +123,7 @@ class _Registry:
         self.every_app: _Instruments | None = None
 
     def find(self, app: Flask) -> _Instruments | None:
+        """The instruments that record ``app``, if any."""
         return self.apps.get(app, self.every_app)
 
 
@@ -162,10 +163,13 @@ def instrument(app: Flask | None = None, *, meter_provider: MeterProvider | None
 
 
 def uninstrument(app: Flask | None = None) -> None:
-    """Undo :func:`instrument` for ``app`` (None: undo ``instrument()`` for every app).
+    """Undo :func:`instrument` for ``app``; a no-op if it is not instrumented.
 
-    Once nothing is instrumented, the receivers are disconnected, and flask-txn
-    is back to sending no signals.
+    Once nothing is instrumented, the receivers are disconnected: flask-txn
+    again sends no signal that nothing else receives.
+
+    :param app: the app given to :func:`instrument`; None to undo ``instrument()``
+        for every app (apps instrumented on their own stay so).
 
     .. versionadded:: 0.2.0
     """
@@ -184,6 +188,7 @@ def uninstrument(app: Flask | None = None) -> None:
 
 
 def _committed(app: Flask, **payload: Any) -> None:
+    """``transaction_committed``: count the commit; the block ended."""
     instruments = _registry.find(app)
     if instruments is not None:
         attributes = _common(payload)
@@ -194,14 +199,15 @@ def _committed(app: Flask, **payload: Any) -> None:
 def _rolled_back(
     app: Flask, *, reason: str, error: BaseException | None, sqlstate: str | None, **payload: Any
 ) -> None:
+    """``transaction_rolled_back``: count the rollback; a block ended unless it is re-run."""
     instruments = _registry.find(app)
     if instruments is None:
         return
     attributes = _common(payload)
     failure = {**_error(error, sqlstate), EXHAUSTED: payload["exhausted"]}
     instruments.rollbacks.add(1, {**attributes, REASON: reason, **failure})
-    # "retry" is followed by transaction_retrying; "teardown" ends no block (and
-    # comes after the request's span has ended).
+    # "retry" is followed by transaction_retrying, which records it; "teardown"
+    # ends no block, so it is only counted.
     if reason not in ("retry", "teardown"):
         _ended(instruments, reason, attributes, payload, failure)
 
@@ -209,23 +215,18 @@ def _rolled_back(
 def _retrying(
     app: Flask, *, error: BaseException, sqlstate: str | None, delay: float, **payload: Any
 ) -> None:
+    """``transaction_retrying``: count the retry and its wait; an event on the span."""
     instruments = _registry.find(app)
     if instruments is None:
         return
-    attributes = {**_common(payload), **_error(error, sqlstate)}
+    failure = _error(error, sqlstate)
+    attributes = {**_common(payload), **failure}
     instruments.retries.add(1, attributes)
     instruments.retry_delay.record(delay, attributes)
     span = trace.get_current_span()
     if span.is_recording():
-        span.add_event(
-            "flask_txn.retry",
-            {
-                ATTEMPT: payload["attempt"],
-                **_error(error, sqlstate),
-                DELAY: delay,
-                FINAL: payload["final"],
-            },
-        )
+        event = {ATTEMPT: payload["attempt"], **failure, DELAY: delay, FINAL: payload["final"]}
+        span.add_event("flask_txn.retry", event)
 
 
 def _ended(
