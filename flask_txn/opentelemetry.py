@@ -20,9 +20,16 @@ import weakref
 from typing import Any
 
 from flask import Flask
-from opentelemetry import metrics, trace
-from opentelemetry.metrics import Counter, Histogram, MeterProvider
-from opentelemetry.util.types import AttributeValue
+
+try:
+    from opentelemetry import metrics, trace
+    from opentelemetry.metrics import Counter, Histogram, MeterProvider
+    from opentelemetry.util.types import AttributeValue
+except ImportError as exc:
+    raise ImportError(
+        "'flask_txn.opentelemetry' needs the OpenTelemetry API, which is not installed."
+        " Install flask-txn's 'opentelemetry' extra: pip install 'flask-txn[opentelemetry]'."
+    ) from exc
 
 from . import __version__
 from ._errors import ConfigError

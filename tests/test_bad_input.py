@@ -570,6 +570,12 @@ TABLE = [
         arrange=_instrument,
         says=("'app'", "got 'app'", "a Flask app or None"),
     ),
+    Row(
+        "otel-extra-missing",
+        ImportError,
+        "import",
+        "test_opentelemetry.py::test_without_the_extra",
+    ),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import subprocess
 import sys
@@ -530,6 +531,14 @@ def test_async_view(make_app: Any, postgresql_url: str, telemetry: Telemetry) ->
     assert [e.name for e in span.events] == ["flask_txn.retry", "flask_txn.transaction"]
     assert dict(span.events[0].attributes or {})["db.response.status_code"] == "40001"
     assert dict(span.attributes or {})["flask_txn.attempts"] == 2
+
+
+def test_without_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without opentelemetry-api, importing the module says which extra to install."""
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "flask_txn.opentelemetry")  # imported afresh, then restored
+    with pytest.raises(ImportError, match=r"pip install 'flask-txn\[opentelemetry\]'"):
+        importlib.import_module("flask_txn.opentelemetry")
 
 
 def test_names_follow_the_semantic_conventions() -> None:
