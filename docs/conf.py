@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from blinker import NamedSignal
 from sphinx.application import Sphinx
 from sphinx.pycode import ModuleAnalyzer
 
@@ -21,29 +20,41 @@ copyright = "the flask-txn authors"
 release = flask_txn.__version__
 version = release
 
-extensions = ["myst_parser", "sphinx.ext.autodoc"]
+extensions = ["myst_parser", "sphinx.ext.autodoc", "pallets_sphinx_themes"]
 myst_enable_extensions = ["colon_fence", "deflist"]
 exclude_patterns = ["_build"]
 autodoc_member_order = "bysource"
 
-html_theme = "alabaster"
+# The theme of Flask's own docs, which Flask users know.
+html_theme = "flask"
+html_sidebars = {"**": ["localtoc.html", "relations.html", "searchbox.html"]}
+html_title = f"flask-txn {release}"
+# The banner's script asks PyPI for the newest version: these pages load nothing from elsewhere.
+version_banner = False
+html_static_path = ["_static"]
+html_css_files = ["flask-txn.css"]
 
-# The module that defines the signals and holds their attribute docstrings.
-SIGNALS_MODULE = "flask_txn._signals"
+# The private modules that define public data (the signals, the idempotency table)
+# and hold their attribute docstrings.
+DATA_MODULES = ("flask_txn._signals", "flask_txn._idempotency")
 
 
-def signal_docstring(
+def data_docstring(
     app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]
 ) -> None:
-    """Use a signal's attribute docstring instead of blinker's class docstring.
+    """Use a public datum's attribute docstring instead of its class's docstring.
 
     autodoc looks for attribute docstrings in the module a name is documented
-    under (``flask_txn``), but the signals are defined in a private module.
+    under (``flask_txn``), but these are defined in private modules.
     """
-    if what != "data" or not isinstance(obj, NamedSignal):
+    if what != "data":
         return
-    docs = ModuleAnalyzer.for_module(SIGNALS_MODULE).find_attr_docs()
-    lines[:] = docs[("", name.rpartition(".")[2])]
+    for module in DATA_MODULES:
+        docs = ModuleAnalyzer.for_module(module).find_attr_docs()
+        found = docs.get(("", name.rpartition(".")[2]))
+        if found is not None:
+            lines[:] = found
+            return
 
 
 def make_plots(app: Sphinx) -> None:
@@ -54,5 +65,5 @@ def make_plots(app: Sphinx) -> None:
 
 def setup(app: Sphinx) -> None:
     """Register the docstring hook and the plots."""
-    app.connect("autodoc-process-docstring", signal_docstring)
+    app.connect("autodoc-process-docstring", data_docstring)
     app.connect("builder-inited", make_plots)

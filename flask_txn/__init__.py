@@ -13,6 +13,7 @@ from ._errors import (
     UsageError,
 )
 from ._extension import FlaskTxn
+from ._idempotency import idempotency_keys, idempotent, purge_idempotency_keys
 from ._locking import (
     Versioned,
     advisory_lock,
@@ -41,9 +42,12 @@ __all__ = [
     "advisory_lock",
     "advisory_lock_key",
     "atomic",
+    "idempotency_keys",
+    "idempotent",
     "is_retryable",
     "lock_rows",
     "on_commit",
+    "purge_idempotency_keys",
     "register_error_handlers",
     "sqlstate_of",
     "transaction_committed",

@@ -59,6 +59,11 @@ DEFAULTS: dict[str, Any] = {
     # None: "warn" when the app is in debug or testing mode, else "off" (init_app).
     "TXN_NPLUSONE": None,
     "TXN_NPLUSONE_THRESHOLD": 2,
+    "TXN_ERROR_HANDLERS": True,
+    "TXN_IDEMPOTENCY_HEADER": "Idempotency-Key",
+    # 24 hours, as Stripe keeps its keys.
+    "TXN_IDEMPOTENCY_TTL": 86400.0,
+    "TXN_IDEMPOTENCY_SCOPE": None,
     "TXN_ASYNC_DATABASE_URI": None,
     "TXN_ASYNC_ENGINE_OPTIONS": {},
 }
@@ -67,6 +72,9 @@ OPTION_NAMES = {key.removeprefix("TXN_").lower(): key for key in DEFAULTS}
 
 # Session options flask-txn sets itself; a user value would break scoping or binding.
 _RESERVED_SESSION_OPTIONS = ("bind", "binds")
+
+#: An HTTP header name: a token (RFC 9110, 5.6.2).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 # The password runs to the next "@", as in SQLAlchemy's own URL pattern: a "/"
 # in it must not end the match early and leave the rest of it visible.
@@ -106,6 +114,13 @@ class Settings:
     #: ``TXN_NPLUSONE_THRESHOLD``: lazy loads of one relationship, for the objects of
     #: one query, that make an N+1.
     nplusone_threshold: int
+    #: ``TXN_ERROR_HANDLERS``: answer database failures with 503/502 by default.
+    error_handlers: bool
+    #: ``TXN_IDEMPOTENCY_*``: the header ``@idempotent`` reads, how long a stored
+    #: response is kept (seconds), and what gives each request its scope.
+    idempotency_header: str
+    idempotency_ttl: float
+    idempotency_scope: Callable[[], object] | None
 
 
 def hide_password(value: object) -> str:
@@ -167,6 +182,16 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
         ),
         nplusone=_check_choice("TXN_NPLUSONE", config["TXN_NPLUSONE"], NPLUSONE_MODES),
         nplusone_threshold=_check_threshold(config["TXN_NPLUSONE_THRESHOLD"]),
+        error_handlers=check_flag("TXN_ERROR_HANDLERS", config["TXN_ERROR_HANDLERS"]),
+        idempotency_header=_check_header(config["TXN_IDEMPOTENCY_HEADER"]),
+        idempotency_ttl=check_seconds(
+            "TXN_IDEMPOTENCY_TTL", config["TXN_IDEMPOTENCY_TTL"], zero=False
+        ),
+        idempotency_scope=None
+        if config["TXN_IDEMPOTENCY_SCOPE"] is None
+        else _check_callable(
+            "TXN_IDEMPOTENCY_SCOPE", config["TXN_IDEMPOTENCY_SCOPE"], "lambda: current_user.id"
+        ),
     )
 
 
@@ -352,6 +377,15 @@ def _check_status_veto(value: object) -> StatusVeto:
             "'TXN_ROLLBACK_ON_STATUS' must be an HTTP status from 100 to 599 (a response"
             " with this status or higher rolls back), None (never roll back on a"
             f" response) or a callable(response) -> bool, got {value!r}."
+        )
+    return value
+
+
+def _check_header(value: object) -> str:
+    if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value):
+        raise ConfigError(
+            f"'TXN_IDEMPOTENCY_HEADER' must be an HTTP header name (letters, digits and"
+            f" !#$%&'*+-.^_`|~), got {value!r}. The default is 'Idempotency-Key'."
         )
     return value
 

@@ -1,6 +1,7 @@
-"""Opt-in error responses for database failures a client can do something about.
+"""Error responses for database failures a client can do something about.
 
-:func:`register_error_handlers` maps them to JSON responses, by ``reason``:
+:func:`register_error_handlers` (and, by default, every app's
+``TXN_ERROR_HANDLERS``) maps them to 503 and 502 responses, by ``reason``:
 
 - ``retries-exhausted`` (503): every attempt met a serialization failure,
   deadlock or busy database;
@@ -17,12 +18,22 @@ unhandled exception (500).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
-from flask import Blueprint, Flask, has_request_context, request
+from flask import Blueprint, Flask, jsonify, request
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from werkzeug.exceptions import (
+    BadGateway,
+    BadRequest,
+    Conflict,
+    HTTPException,
+    ServiceUnavailable,
+    UnprocessableEntity,
+)
+from werkzeug.wrappers import Response
 
 from ._errors import AmbiguousCommitError, ConfigError
 from ._retry import is_disconnect, is_retryable, sqlstate_of
@@ -39,6 +50,17 @@ _UNAVAILABLE = frozenset(
 #: Statement and lock timeouts: PostgreSQL's query_canceled (statement_timeout)
 #: and lock_not_available (lock_timeout, NOWAIT); MySQL's lock wait timeout.
 _TIMEOUT = frozenset({"57014", "55P03", "1205"})
+_HANDLED = (OperationalError, PoolTimeoutError, AmbiguousCommitError)
+#: The HTML page of each status flask-txn answers with.
+_PAGES: dict[int, type[HTTPException]] = {
+    400: BadRequest,
+    409: Conflict,
+    422: UnprocessableEntity,
+    502: BadGateway,
+    503: ServiceUnavailable,
+}
+#: JSON first: a client that accepts anything (curl, most HTTP libraries) gets JSON.
+_MEDIA_TYPES = ("application/json", "text/html")
 
 
 def classify(exc: BaseException) -> str | None:
@@ -87,15 +109,21 @@ def _message(reason: str, exc: BaseException, retry_after: int) -> str:
 
 
 def register_error_handlers(app: Flask | Blueprint, *, retry_after: int = 1) -> None:
-    """Answer database failures a client can retry with JSON responses instead of 500.
+    """Answer database failures a client can retry with 503 or 502 instead of 500.
 
     Retries used up, an unreachable database and timeouts get ``503 Service
     Unavailable`` with a ``Retry-After`` header; an
     :class:`~flask_txn.AmbiguousCommitError` gets ``502 Bad Gateway``, whose body
     tells the client to send the request again with the same idempotency key.
-    Each body is ``{"error": <sentence>, "reason": <reason>}``, plus ``sqlstate``
-    and ``attempts`` where known; each response is logged as one WARNING line on
-    the ``flask_txn`` logger. See :doc:`/reliability` for the table.
+    The body is JSON, ``{"error": <sentence>, "reason": <reason>}`` plus
+    ``sqlstate`` and ``attempts`` where known, unless the client prefers HTML
+    (a browser), which gets a short HTML page with the same sentence. Each
+    response is logged as one WARNING line on the ``flask_txn`` logger. See
+    :doc:`/reliability` for the table.
+
+    :class:`FlaskTxn` registers these handlers on every app by default
+    (``TXN_ERROR_HANDLERS``); call this function to use another ``retry_after``,
+    or to add them to a blueprint.
 
     Handlers are registered for ``OperationalError`` (which covers every
     retriable and connection error), SQLAlchemy's pool ``TimeoutError`` and
@@ -106,6 +134,8 @@ def register_error_handlers(app: Flask | Blueprint, *, retry_after: int = 1) -> 
     :param retry_after: seconds for the ``Retry-After`` header, a whole number >= 0.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0
+       A client that prefers HTML gets an HTML page; responses vary on ``Accept``.
     """
     if not isinstance(app, Flask | Blueprint):
         raise ConfigError(
@@ -118,28 +148,70 @@ def register_error_handlers(app: Flask | Blueprint, *, retry_after: int = 1) -> 
             f" header), got {retry_after!r}."
         )
 
-    def database_error(exc: Exception) -> Any:
-        reason = classify(exc)
-        if reason is None:
-            raise exc
-        status = 502 if reason == "commit-unknown" else 503
-        body: dict[str, Any] = {"error": _message(reason, exc, retry_after), "reason": reason}
-        # An ambiguous commit's SQLSTATE (40003, if any) is its cause's.
-        code = sqlstate_of(exc.__cause__ or exc if isinstance(exc, AmbiguousCommitError) else exc)
-        if code is not None:
-            body["sqlstate"] = code
-        attempts = getattr(exc, "txn_attempts", None)
-        if attempts is not None:
-            body["attempts"] = attempts
-        log.warning(
-            "Answered %d (%s) for endpoint %r: %s%s",
-            status,
-            reason,
-            request.endpoint if has_request_context() else None,
-            type(exc).__name__,
-            "" if code is None else f", SQLSTATE {code}",
-        )
-        return body, status, {"Retry-After": str(retry_after)}
+    for error in _HANDLED:
+        app.register_error_handler(error, functools.partial(_answer, retry_after=retry_after))
 
-    for error in (OperationalError, PoolTimeoutError, AmbiguousCommitError):
-        app.register_error_handler(error, database_error)
+
+def register_default_error_handlers(app: Flask) -> None:
+    """What ``TXN_ERROR_HANDLERS`` adds to every app: :func:`register_error_handlers`'
+    answers, yielding to any handler of the app's own for the same errors.
+
+    A handler the app registers for the same class replaces this one (before
+    ``init_app``, this one is not added); one for a broader class
+    (``SQLAlchemyError``, ``Exception``) is found at the time of the error and
+    called instead.
+    """
+    handlers = app.error_handler_spec[None][None]
+
+    def database_error(exc: Exception) -> Any:
+        for cls in type(exc).__mro__:
+            own = handlers.get(cls)
+            if own is not None and own is not database_error:
+                return own(exc)
+        return _answer(exc, retry_after=1)
+
+    for error in _HANDLED:
+        if error not in handlers:
+            app.register_error_handler(error, database_error)
+
+
+def _answer(exc: Exception, *, retry_after: int) -> Response:
+    """The 503 or 502 for ``exc``, JSON or HTML for a client that prefers it; or
+    ``exc`` raised again, for Flask to answer, if it is no failure of that kind."""
+    reason = classify(exc)
+    if reason is None:
+        raise exc
+    status = 502 if reason == "commit-unknown" else 503
+    message = _message(reason, exc, retry_after)
+    # An ambiguous commit's SQLSTATE (40003, if any) is its cause's.
+    code = sqlstate_of(exc.__cause__ or exc if isinstance(exc, AmbiguousCommitError) else exc)
+    body: dict[str, Any] = {"error": message, "reason": reason}
+    if code is not None:
+        body["sqlstate"] = code
+    attempts = getattr(exc, "txn_attempts", None)
+    if attempts is not None:
+        body["attempts"] = attempts
+    response = error_response(status, body, retry_after)
+    log.warning(
+        "Answered %d (%s) for endpoint %r: %s%s",
+        status,
+        reason,
+        request.endpoint,
+        type(exc).__name__,
+        "" if code is None else f", SQLSTATE {code}",
+    )
+    return response
+
+
+def error_response(status: int, body: dict[str, Any], retry_after: int | None) -> Response:
+    """``body`` as JSON, or Werkzeug's short HTML page with its ``error`` sentence for
+    a client that prefers HTML; with ``Retry-After`` if given."""
+    if request.accept_mimetypes.best_match(_MEDIA_TYPES) == "text/html":
+        response = _PAGES[status](description=body["error"]).get_response()
+    else:
+        response = jsonify(body)
+        response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    response.vary.add("Accept")
+    return response

@@ -26,6 +26,7 @@ from ._config import (
     read_settings,
 )
 from ._engine import make_engine
+from ._errorhandlers import register_default_error_handlers
 from ._errors import ConfigError, PendingWritesError, UsageError
 from ._listeners import watch
 from ._nplusone import guard_for
@@ -108,6 +109,8 @@ class FlaskTxn:
         if async_database is not None:
             weakref.finalize(app, async_database.close)
         app.extensions[EXTENSION_KEY] = self
+        if settings.error_handlers:
+            register_default_error_handlers(app)
         app.before_request(functools.partial(_check_routes_once, app, self._states[app]))
         _always_remove_at_teardown(app, self)
 

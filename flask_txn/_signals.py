@@ -19,7 +19,9 @@ log = logging.getLogger("flask_txn")
 transaction_committed: NamedSignal = _signals.signal("transaction-committed")
 """Sent after the outermost block's COMMIT succeeded.
 
-Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``.
+Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``,
+``replayed`` (True when ``@idempotent`` answered with a stored response: the
+transaction only read).
 """
 
 transaction_rolled_back: NamedSignal = _signals.signal("transaction-rolled-back")

@@ -99,6 +99,7 @@ class Attempt:
         "number",
         "options",
         "registry",
+        "replayed",
         "retry_delay",
         "root",
         "savepoints",
@@ -154,6 +155,8 @@ class Attempt:
         self.vetoed = False
         #: seconds to wait before the next attempt, when this one asks for one.
         self.retry_delay: float | None = None
+        #: the attempt answered with a stored response (``@idempotent``).
+        self.replayed = False
 
     @classmethod
     def on_new_async_session(
@@ -391,7 +394,12 @@ class Attempt:
     def _committed(self) -> None:
         """After COMMIT: the signal, then the on_commit callbacks, outside any block."""
         if _signals.transaction_committed.receivers:
-            _signals.send(_signals.transaction_committed, current_app_object(), **self.payload())
+            _signals.send(
+                _signals.transaction_committed,
+                current_app_object(),
+                **self.payload(),
+                replayed=self.replayed,
+            )
         if hooks.release(self.callbacks) and self.callbacks:
             run_callbacks(self.callbacks)
 

@@ -7,6 +7,8 @@ server instead of starting one.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -124,3 +126,68 @@ class Attempts:
     @property
     def total(self) -> int:
         return sum(self.calls.values())
+
+
+# -- a real browser, for the pages (the bank, the docs) ---------------------------------
+
+#: Chromium flags for a headless run as root that reaches for nothing on the network.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-proxy-server",
+)
+
+
+def _find_browser() -> tuple[str, str]:
+    """Chromium and chromedriver; skip without them on a laptop, fail on CI."""
+    missing = []
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the 'selenium' package (pip install -e '.[test]')")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if chromium is None:
+        missing.append("'chromium' on PATH (apt-get install chromium)")
+    if driver is None:
+        missing.append("'chromedriver' on PATH (apt-get install chromium-driver)")
+    if missing:
+        message = "No browser for the page test: missing " + ", ".join(missing) + "."
+        if os.environ.get("CI"):
+            pytest.fail(message + " CI must run it: .ci/run installs them.")
+        pytest.skip(message)
+    assert chromium is not None
+    assert driver is not None
+    return chromium, driver
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Headless Chromium driven through chromedriver; quit however the test ends."""
+    chromium, driver = _find_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    # Both paths given: Selenium Manager (which would download a driver) never runs.
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="flask-txn-chromium-")
+    options.add_argument(f"--user-data-dir={profile}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    try:
+        chrome = webdriver.Chrome(options=options, service=Service(driver))
+        try:
+            yield chrome
+        finally:
+            chrome.quit()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)

@@ -245,6 +245,38 @@ TABLE = [
         keys=("TXN_NPLUSONE_THRESHOLD",),
     ),
     Row(
+        "error-handlers-flag",
+        ConfigError,
+        "init_app",
+        arrange=_config(TXN_ERROR_HANDLERS="yes"),
+        says=("'TXN_ERROR_HANDLERS'", "'yes'", "True or False"),
+        keys=("TXN_ERROR_HANDLERS",),
+    ),
+    Row(
+        "idempotency-header",
+        ConfigError,
+        "init_app",
+        arrange=_config(TXN_IDEMPOTENCY_HEADER="Idempotency Key"),
+        says=("'TXN_IDEMPOTENCY_HEADER'", "'Idempotency Key'", "an HTTP header name"),
+        keys=("TXN_IDEMPOTENCY_HEADER",),
+    ),
+    Row(
+        "idempotency-ttl",
+        ConfigError,
+        "init_app",
+        arrange=_config(TXN_IDEMPOTENCY_TTL=0),
+        says=("'TXN_IDEMPOTENCY_TTL'", "got 0", "seconds > 0"),
+        keys=("TXN_IDEMPOTENCY_TTL",),
+    ),
+    Row(
+        "idempotency-scope",
+        ConfigError,
+        "init_app",
+        arrange=_config(TXN_IDEMPOTENCY_SCOPE="user"),
+        says=("'TXN_IDEMPOTENCY_SCOPE'", "'user'", "a callable"),
+        keys=("TXN_IDEMPOTENCY_SCOPE",),
+    ),
+    Row(
         "connect-timeout-type",
         ConfigError,
         "init_app",
@@ -539,6 +571,24 @@ TABLE = [
         UsageError,
         "on_commit()",
         "test_atomic.py::test_on_commit_outside_block_is_refused",
+    ),
+    Row(
+        "idempotent-placement",
+        UsageError,
+        "the request",
+        "test_idempotency.py::test_wrong_placement_is_refused",
+    ),
+    Row(
+        "idempotent-async-or-class",
+        UsageError,
+        "@idempotent",
+        "test_idempotency.py::test_async_views_and_classes_are_refused",
+    ),
+    Row(
+        "idempotent-streamed",
+        UsageError,
+        "the request",
+        "test_idempotency.py::test_a_streamed_response_is_refused",
     ),
     # -- error responses and the testing plugin
     Row(

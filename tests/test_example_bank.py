@@ -11,10 +11,8 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -40,19 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 #: A bound on every wait, so a broken test fails instead of hanging.
 TIMEOUT = 30
 OPENING = 1_000
-#: Chromium flags for a headless run as root that reaches for nothing on the network.
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-proxy-server",
-)
 
 
 @pytest.fixture
@@ -269,7 +254,7 @@ def test_key_reused_for_another_transfer_is_refused(bank: Flask) -> None:
     response = transfer(bank, "k1", amount=200)
     assert response.status_code == 422
     assert (
-        "'Idempotency-Key' 'k1' was already used for another transfer (100 from 1 to 2)"
+        "'Idempotency-Key' 'k1' was already used for another transfer (100 cents from 1 to 2)"
         in (response.json["error"])
     )
     assert ledger_rows(bank) == 1
@@ -303,8 +288,10 @@ def test_copies_of_a_key_overlapping_in_serializable_transactions_retry_then_rep
         None,
         "true",
     }
+    # The copy that was re-run answered with the stored result: a replay, not a commit.
     assert endpoint_counters(pg_bank) == {
-        "committed": 2,
+        "committed": 1,
+        "replayed": 1,
         "retried": {"40001": 1},
         "rolled_back": {},
     }
@@ -323,6 +310,7 @@ def test_conflicting_serializable_transfers_are_retried_and_counted(pg_bank: Fla
     assert [response.status_code for response in responses] == [201, 201]
     assert endpoint_counters(pg_bank) == {
         "committed": 2,
+        "replayed": 0,
         "retried": {"40001": 1},
         "rolled_back": {},
     }
@@ -338,7 +326,7 @@ def test_locked_transfers_in_opposite_directions_wait_instead_of_retrying(pg_ban
         )
     assert [response.status_code for response in responses] == [201, 201]
     counters = endpoint_counters(pg_bank, "bank.transfer_locked")
-    assert counters == {"committed": 2, "retried": {}, "rolled_back": {}}
+    assert counters == {"committed": 2, "replayed": 0, "retried": {}, "rolled_back": {}}
     assert balances(pg_bank) == [OPENING - 70, OPENING + 70, OPENING]
 
 
@@ -349,7 +337,12 @@ def test_conflict_reported_by_the_database_is_retried_and_counted(
     txn_faults.fail_next(1, endpoint="bank.transfer")
     assert transfer(bank, "k1").status_code == 201
     code = "40001" if stats(bank)["database"] == "postgresql" else "SQLITE_LOCKED"
-    assert endpoint_counters(bank) == {"committed": 1, "retried": {code: 1}, "rolled_back": {}}
+    assert endpoint_counters(bank) == {
+        "committed": 1,
+        "replayed": 0,
+        "retried": {code: 1},
+        "rolled_back": {},
+    }
 
 
 def test_exhausted_retries_answer_503_and_are_counted(
@@ -372,7 +365,22 @@ def test_notification_is_sent_once_per_committed_transfer(bank: Flask) -> None:
     transfer(bank, "k1")
     transfer(bank, "k1")
     transfer(bank, "k2", amount=OPENING * 5)
-    assert stats(bank)["transactions"]["outbox"] == ["Transfer 1: 100 from 1 to 2."]
+    assert stats(bank)["transactions"]["outbox"] == ["Transfer 1: 1.00 from 1 to 2."]
+
+
+def test_a_replay_is_counted_apart_from_commits(bank: Flask) -> None:
+    """A key sent again is answered from the ledger: counted as a replay, not a commit."""
+    first, again = transfer(bank, "k1"), transfer(bank, "k1")
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert (first.json, ledger_rows(bank)) == (again.json, 1)
+    counters = stats(bank)["transactions"]
+    assert (counters["committed"], counters["replayed"]) == (1, 1)
+    assert endpoint_counters(bank) == {
+        "committed": 1,
+        "replayed": 1,
+        "retried": {},
+        "rolled_back": {},
+    }
 
 
 def test_notification_is_not_sent_for_an_attempt_that_is_re_run(
@@ -384,7 +392,7 @@ def test_notification_is_not_sent_for_an_attempt_that_is_re_run(
     response = transfer(bank, "k1")
     assert (response.status_code, txn_faults.injected) == (201, 2)
     done = response.json
-    assert stats(bank)["transactions"]["outbox"] == [f"Transfer {done['id']}: 100 from 1 to 2."]
+    assert stats(bank)["transactions"]["outbox"] == [f"Transfer {done['id']}: 1.00 from 1 to 2."]
 
 
 def test_ledger_lists_the_latest_transfers_with_both_balances(bank: Flask) -> None:
@@ -587,54 +595,6 @@ def test_page_is_self_contained(bank: Flask) -> None:
     assert response.headers["Content-Security-Policy"].startswith("default-src 'none';")
 
 
-def _find_browser() -> tuple[str, str]:
-    """Chromium and chromedriver; skip without them on a laptop, fail on CI."""
-    missing = []
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("the 'selenium' package (pip install -e '.[test]')")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if chromium is None:
-        missing.append("'chromium' on PATH (apt-get install chromium)")
-    if driver is None:
-        missing.append("'chromedriver' on PATH (apt-get install chromium-driver)")
-    if missing:
-        message = "No browser for the page test: missing " + ", ".join(missing) + "."
-        if os.environ.get("CI"):
-            pytest.fail(message + " CI must run it: .ci/run installs them.")
-        pytest.skip(message)
-    assert chromium is not None
-    assert driver is not None
-    return chromium, driver
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    """Headless Chromium driven through chromedriver; quit however the test ends."""
-    chromium, driver = _find_browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    # Both paths given: Selenium Manager (which would download a driver) never runs.
-    options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    profile = tempfile.mkdtemp(prefix="bank-chromium-")
-    options.add_argument(f"--user-data-dir={profile}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    try:
-        chrome = webdriver.Chrome(options=options, service=Service(driver))
-        try:
-            yield chrome
-        finally:
-            chrome.quit()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
-
-
 # The page is the same on every database: one run is enough.
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_page_counters_update_in_a_real_browser(browser: Any, served: str) -> None:
@@ -648,7 +608,7 @@ def test_page_counters_update_in_a_real_browser(browser: Any, served: str) -> No
     wait = WebDriverWait(browser, TIMEOUT)
     browser.get(served + "/")
     wait.until(lambda _: text("committed") == "0")
-    browser.find_element(By.ID, "send").click()  # the form: 100 from 1 to 2
+    browser.find_element(By.ID, "send").click()  # the form: 1.00 (100 cents) from 1 to 2
     wait.until(lambda _: text("result") == "201 transfer 1")
     wait.until(lambda _: text("committed") == "1")
     request = urllib.request.Request(
@@ -657,9 +617,13 @@ def test_page_counters_update_in_a_real_browser(browser: Any, served: str) -> No
         headers={"Content-Type": "application/json", "Idempotency-Key": "from-outside"},
     )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=TIMEOUT) as response:
-        assert response.status == 201
-    wait.until(lambda _: text("committed") == "2")
-    wait.until(lambda _: "Transfer 2: 40 from 2 to 3." in text("outbox"))
+    for _ in range(2):  # the second time, the same key: a replay
+        with opener.open(request, timeout=TIMEOUT) as response:
+            assert response.status == 201
+    wait.until(lambda _: (text("committed"), text("replayed")) == ("2", "1"))
+    wait.until(lambda _: "Transfer 2: 0.40 from 2 to 3." in text("outbox"))
+    # Money as people read it: OPENING is 1,000 cents, 10.00.
+    assert text("total") == "30.00"
+    assert "2 10.60 10.60 reconciled" in text("accounts")
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert errors == []

@@ -248,8 +248,8 @@ def test_failure_for_good(
         return "never committed"
 
     txn_faults.fail_next(2)
-    with pytest.raises(sa.exc.DBAPIError):
-        telemetry.request(app, "/")
+    # flask-txn's error handlers answer 503: the span records the failure all the same.
+    assert telemetry.request(app, "/").status_code == 503
     span = telemetry.span()
     assert dict(span.attributes or {}) == {
         "flask_txn.outcome": "error",

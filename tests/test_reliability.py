@@ -1375,6 +1375,118 @@ def test_ambiguous_commit_is_502(postgresql_url: str) -> None:
     assert "same Idempotency-Key" in body["error"]
 
 
+def default_app(url: str, **config: Any) -> tuple[Flask, Any]:
+    """An app with flask-txn and no error handler registered by hand."""
+    from flask_txn import atomic
+
+    app, ext = plain_app(url, **config)
+
+    @app.post("/conflict")
+    @atomic(retries=1, wait_initial=0)
+    def conflict() -> str:
+        ext.session.execute(sa.text("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40001'; END $$"))
+        return "unreachable"
+
+    return app, ext
+
+
+def test_retries_exhausted_is_503_by_default(postgresql_url: str) -> None:
+    """With no handler registered by hand, a block out of retries answers 503 JSON, not 500."""
+    app, ext = default_app(postgresql_url)
+    response = app.test_client().post("/conflict", headers={"Accept": "*/*"})
+    with app.app_context():
+        ext.engine.dispose()
+    assert answer_of(response)[:2] == (503, "1")
+    assert (response.get_json()["reason"], response.vary.as_set()) == (
+        "retries-exhausted",
+        {"accept"},
+    )
+
+
+def test_unreachable_database_is_503_by_default() -> None:
+    """Nothing listens at the database's address: 503 database-unavailable by default."""
+    app, ext = default_app(f"postgresql+psycopg2://user:s3cret@127.0.0.1:{_free_port()}/db")
+    status, retry_after, body = answer_of(app.test_client().post("/conflict"))
+    with app.app_context():
+        ext.engine.dispose()
+    assert (status, retry_after, body["reason"]) == (503, "1", "database-unavailable")
+
+
+def test_a_client_that_prefers_html_gets_a_page(postgresql_url: str) -> None:
+    """A browser's Accept header gets a short HTML page with the same sentence."""
+    app, ext = default_app(postgresql_url)
+    accept = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+    response = app.test_client().post("/conflict", headers={"Accept": accept})
+    with app.app_context():
+        ext.engine.dispose()
+    page = response.get_data(as_text=True)
+    assert (response.status_code, response.mimetype, response.headers["Retry-After"]) == (
+        503,
+        "text/html",
+        "1",
+    )
+    assert "<h1>Service Unavailable</h1>" in page
+    assert "refused the transaction 2 time(s)" in page
+
+
+def test_error_handlers_off_leaves_the_failure_to_flask(postgresql_url: str) -> None:
+    """TXN_ERROR_HANDLERS=False: a block out of retries is Flask's 500, as before 0.2.0."""
+    app, ext = default_app(postgresql_url, TXN_ERROR_HANDLERS=False)
+    status = app.test_client().post("/conflict").status_code
+    with app.app_context():
+        ext.engine.dispose()
+    assert status == 500
+
+
+@pytest.mark.parametrize(
+    ("registered", "error"),
+    [
+        ("before init_app", sa.exc.OperationalError),
+        ("after init_app", sa.exc.OperationalError),
+        ("after init_app", sa.exc.SQLAlchemyError),
+        ("before init_app", Exception),
+    ],
+)
+def test_the_apps_own_handler_comes_first(
+    postgresql_url: str, registered: str, error: type[Exception]
+) -> None:
+    """A handler of the app's own, for the same class or a broader one, registered before
+    or after init_app, answers instead of flask-txn's."""
+    from flask_txn import FlaskTxn, atomic
+
+    app, ext = Flask("own"), FlaskTxn()
+    app.config["TXN_DATABASE_URI"] = postgresql_url
+    if registered == "before init_app":
+        app.register_error_handler(error, lambda exc: ("mine", 418))
+    ext.init_app(app)
+    if registered == "after init_app":
+        app.register_error_handler(error, lambda exc: ("mine", 418))
+
+    @app.post("/conflict")
+    @atomic(retries=0)
+    def conflict() -> str:
+        ext.session.execute(sa.text("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40001'; END $$"))
+        return "unreachable"
+
+    response = app.test_client().post("/conflict")
+    with app.app_context():
+        ext.engine.dispose()
+    assert (response.status_code, response.get_data(as_text=True)) == (418, "mine")
+
+
+def test_other_operational_errors_are_left_to_flask_by_default(tmp_path: Path) -> None:
+    """By default too, an OperationalError of no known kind (a full disk) is Flask's 500."""
+    app, ext = plain_app(f"sqlite:///{tmp_path / 'db'}")
+
+    @app.get("/")
+    def full() -> str:
+        raise sa.exc.OperationalError("INSERT", {}, _DriverError("53100"))
+
+    assert app.test_client().get("/").status_code == 500
+    with app.app_context():
+        ext.engine.dispose()
+
+
 class _DriverError(Exception):
     """A driver exception with a SQLSTATE, as psycopg2 reports it."""
 

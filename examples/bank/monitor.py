@@ -11,21 +11,27 @@ import collections
 import threading
 from typing import Any
 
-from flask import Flask, current_app
+from flask import Flask, current_app, g
 
 from flask_txn import transaction_committed, transaction_retrying, transaction_rolled_back
 
 #: How many notifications the outbox keeps.
 OUTBOX_SIZE = 20
+#: The ``g`` attribute that marks the current attempt as a replay.
+_REPLAYED = "bank_replayed"
 
 
 class Monitor:
-    """Counts of commits, retries and final rollbacks per endpoint, and recent notifications."""
+    """Counts of commits, replays, retries and final rollbacks per endpoint, and recent
+    notifications."""
 
     def __init__(self, app: Flask) -> None:
         # Receivers run in the request's thread: several at once under a threaded server.
         self._lock = threading.Lock()
         self.committed: collections.Counter[str] = collections.Counter()
+        #: endpoint -> requests answered with a stored result (a repeated idempotency
+        #: key): their read-only transactions commit, but they moved no money.
+        self.replayed: collections.Counter[str] = collections.Counter()
         #: (endpoint, SQLSTATE) -> re-runs
         self.retried: collections.Counter[tuple[str, str]] = collections.Counter()
         #: (endpoint, SQLSTATE, or the reason when there is none) -> final rollbacks
@@ -36,8 +42,9 @@ class Monitor:
         transaction_rolled_back.connect(self.on_rolled_back, sender=app)
 
     def on_committed(self, app: Flask, *, endpoint: str | None, **extra: Any) -> None:
+        counter = self.replayed if g.get(_REPLAYED) else self.committed
         with self._lock:
-            self.committed[endpoint or "-"] += 1
+            counter[endpoint or "-"] += 1
 
     def on_retrying(
         self, app: Flask, *, endpoint: str | None, sqlstate: str | None, **extra: Any
@@ -71,12 +78,15 @@ class Monitor:
             endpoints: dict[str, dict[str, Any]] = {}
             for endpoint, count in self.committed.items():
                 _row(endpoints, endpoint)["committed"] = count
+            for endpoint, count in self.replayed.items():
+                _row(endpoints, endpoint)["replayed"] = count
             for (endpoint, code), count in self.retried.items():
                 _row(endpoints, endpoint)["retried"][code] = count
             for (endpoint, code), count in self.rolled_back.items():
                 _row(endpoints, endpoint)["rolled_back"][code] = count
             return {
                 "committed": sum(self.committed.values()),
+                "replayed": sum(self.replayed.values()),
                 "retried": sum(self.retried.values()),
                 "rolled_back": sum(self.rolled_back.values()),
                 "endpoints": dict(sorted(endpoints.items())),
@@ -85,10 +95,23 @@ class Monitor:
 
 
 def _row(endpoints: dict[str, dict[str, Any]], endpoint: str) -> dict[str, Any]:
-    return endpoints.setdefault(endpoint, {"committed": 0, "retried": {}, "rolled_back": {}})
+    return endpoints.setdefault(
+        endpoint, {"committed": 0, "replayed": 0, "retried": {}, "rolled_back": {}}
+    )
 
 
 def monitor() -> Monitor:
     """The current app's monitor."""
     found: Monitor = current_app.extensions["bank"]
     return found
+
+
+def mark_replay(replayed: bool) -> None:
+    """Say whether the current attempt answers with a stored result; each attempt says
+    it anew, since an attempt that is re-run may find the key the second time."""
+    setattr(g, _REPLAYED, replayed)
+
+
+def money(cents: int) -> str:
+    """An amount of whole cents as people read it: ``123456`` is ``"1,234.56"``."""
+    return f"{cents // 100:,}.{cents % 100:02d}"

@@ -16,7 +16,7 @@ from sqlalchemy.orm import joinedload
 from flask_txn import atomic, lock_rows, on_commit, register_error_handlers, sqlstate_of
 
 from .models import Account, Transfer, txn
-from .monitor import monitor
+from .monitor import mark_replay, money, monitor
 
 bp = Blueprint("bank", __name__)
 # Retries used up, an unreachable database, timeouts: 503 with Retry-After. A
@@ -112,12 +112,13 @@ def transfer_locked() -> Any:
 def apply_once(order: Order, accounts: dict[int, Account]) -> Any:
     """Apply ``order`` once: replay the stored result if its key was seen, else move the money."""
     done = txn.session.scalar(sa.select(Transfer).where(Transfer.key == order.key))
+    mark_replay(done is not None)
     if done is not None:
         if not order.is_stored_as(done):
             return {
                 "error": f"The 'Idempotency-Key' {order.key!r} was already used for another"
-                f" transfer ({done.amount} from {done.source_id} to {done.target_id}). Use a"
-                " new key for a new transfer."
+                f" transfer ({done.amount} cents from {done.source_id} to {done.target_id})."
+                " Use a new key for a new transfer."
             }, 422
         return done.as_json(), 201, {"Idempotent-Replayed": "true"}
     for field, account_id in (("from", order.source), ("to", order.target)):
@@ -126,14 +127,15 @@ def apply_once(order: Order, accounts: dict[int, Account]) -> Any:
     source, target = accounts[order.source], accounts[order.target]
     if source.balance < order.amount:
         # A 4xx response: flask-txn rolls back (the commit veto). Nothing was written anyway.
-        short = f"Account {source.id} has {source.balance}, less than {order.amount}."
+        has, needs = money(source.balance), money(order.amount)
+        short = f"Account {source.id} has {has}, less than {needs}."
         return {"error": short}, 409
     source.balance -= order.amount
     target.balance += order.amount
     done = Transfer(key=order.key, source_id=source.id, target_id=target.id, amount=order.amount)
     txn.session.add(done)
     txn.session.flush()  # assigns done.id
-    message = f"Transfer {done.id}: {done.amount} from {source.id} to {target.id}."
+    message = f"Transfer {done.id}: {money(done.amount)} from {source.id} to {target.id}."
     # Runs once, after COMMIT; never for an attempt that is rolled back and re-run.
     on_commit(functools.partial(monitor().notify, message))
     return done.as_json(), 201

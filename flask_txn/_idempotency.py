@@ -1,0 +1,235 @@
+"""Idempotency keys: a request sent again after an unknown outcome is answered
+once, from the response stored in the same transaction as its work.
+
+The rules, per request that carries the header (``Idempotency-Key`` by default):
+
+- the key is looked up in :data:`idempotency_keys`, under the request's scope;
+- found with the same fingerprint (method, path with query, body): the stored
+  response is returned and the view does not run;
+- found with another fingerprint: ``422``, the key was used for another request;
+- not found: the view runs, and its response is stored under the key in the
+  same transaction, so that both commit, or neither;
+- the same key still being handled by another transaction: ``409`` with
+  ``Retry-After`` (PostgreSQL, by an advisory lock; SQLite runs one writing
+  transaction at a time, so there the second request finds the first's answer).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar, overload
+
+import sqlalchemy as sa
+from flask import current_app, has_request_context, request
+from sqlalchemy.orm import Session
+from werkzeug.wrappers import Response
+
+from ._config import check_flag
+from ._errorhandlers import error_response
+from ._errors import UsageError
+from ._locking import try_advisory_lock
+from ._state import app_state
+from ._transaction import current
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+log = logging.getLogger("flask_txn")
+
+#: The keys' own MetaData, ``idempotency_keys.metadata``.
+metadata = sa.MetaData()
+
+idempotency_keys = sa.Table(
+    "flask_txn_idempotency_key",
+    metadata,
+    sa.Column("scope", sa.String(200), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("headers", sa.JSON, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+"""The table of stored responses, one row per (scope, key), in a ``MetaData`` of its
+own, ``idempotency_keys.metadata``: give that to Alembic beside your models'."""
+
+#: The longest key accepted, the column's length.
+MAX_KEY_LENGTH = 255
+#: Headers never stored: a cookie is a credential of the first client; the length
+#: is the body's own.
+_NOT_STORED = frozenset({"set-cookie", "content-length"})
+#: The databases where the rules above hold, as tested.
+_DIALECTS = ("postgresql", "sqlite")
+
+
+@overload
+def idempotent(func: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def idempotent(*, required: bool = True) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def idempotent(func: Callable[P, R] | None = None, /, *, required: bool = True) -> Any:
+    """Answer a repeated request from the response stored under its idempotency key.
+
+    Put it right below ``@atomic``, so that the key and the response are stored in
+    the view's transaction::
+
+        @app.post("/transfers")
+        @atomic
+        @idempotent
+        def transfer(): ...
+
+    :param required: answer ``400`` to a request without the header; with
+        False, such a request runs the view as usual, and nothing is stored.
+
+    .. versionadded:: 0.2.0
+    """
+    check_flag("required", required)
+    if func is None:
+        return functools.partial(idempotent, required=required)
+    if inspect.iscoroutinefunction(func) or isinstance(func, type):
+        raise UsageError(
+            f"'@idempotent' takes a plain view function, got {func!r}. Async views and"
+            " classes are not supported: decorate a sync function (or a method of a"
+            " MethodView)."
+        )
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+        return _answer(func, args, kwargs, required=required)
+
+    return wrapper
+
+
+def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool) -> Any:
+    attempt = current()
+    if attempt is None or not has_request_context():
+        raise UsageError(
+            f"'@idempotent' on {func.__qualname__!r} ran outside an atomic block in a request:"
+            " the key and the response must be stored in the view's own transaction. Put"
+            " '@idempotent' right below '@atomic', and '@atomic' below the route decorator."
+        )
+    settings = app_state(user="'@idempotent' was used").settings
+    header = settings.idempotency_header
+    key = request.headers.get(header)
+    if key is None and not required:
+        return func(*args, **kwargs)
+    if key is None or not (1 <= len(key) <= MAX_KEY_LENGTH and key.isascii() and key.isprintable()):
+        return _refuse(
+            400,
+            "idempotency-key-missing" if key is None else "idempotency-key-invalid",
+            f"This request needs an {header!r} header of 1 to {MAX_KEY_LENGTH} printable ASCII"
+            f" characters, got {key if key is None else key[:300]!r}. Send a new value (a"
+            " UUID) for each operation, and the same value when you send it again.",
+        )
+    session = attempt.session
+    dialect = session.get_bind().dialect.name
+    if dialect not in _DIALECTS:
+        raise UsageError(
+            f"'@idempotent' supports {' and '.join(_DIALECTS)}; the database is {dialect!r}."
+            " Remove '@idempotent' from the view, or store its keys on a supported database."
+        )
+    scope = "" if settings.idempotency_scope is None else str(settings.idempotency_scope())
+    if dialect == "postgresql" and not try_advisory_lock(f"flask-txn-idempotency:{scope}:{key}"):
+        return _refuse(
+            409,
+            "idempotency-key-in-flight",
+            f"A request with this {header!r} is still being handled. Send it again in 1 s"
+            " to get its answer.",
+            retry_after=1,
+        )
+    fingerprint = _fingerprint()
+    now = datetime.datetime.now(datetime.UTC)
+    this_key = (idempotency_keys.c.scope == scope) & (idempotency_keys.c.key == key)
+    stored = session.execute(sa.select(idempotency_keys).where(this_key)).one_or_none()
+    if stored is not None and _aware(stored.expires_at) <= now:
+        session.execute(sa.delete(idempotency_keys).where(this_key))
+        stored = None
+    if stored is None:
+        response = current_app.make_response(func(*args, **kwargs))
+        _store(session, func, response, scope, key, fingerprint, now, settings.idempotency_ttl)
+        return response
+    if stored.fingerprint != fingerprint:
+        return _refuse(
+            422,
+            "idempotency-key-reused",
+            f"The {header!r} {key!r} was already used for another request (another method,"
+            " path or body). Use a new key for a new operation.",
+        )
+    attempt.replayed = True
+    log.info("Replayed the stored response of %s %r for %r.", header, key, request.endpoint)
+    replay = Response(stored.body, stored.status, [tuple(pair) for pair in stored.headers])
+    replay.headers["Idempotent-Replayed"] = "true"
+    return replay
+
+
+def _store(
+    session: Session,
+    func: Callable[..., Any],
+    response: Response,
+    scope: str,
+    key: str,
+    fingerprint: str,
+    now: datetime.datetime,
+    ttl: float,
+) -> None:
+    """Insert the response under the key, in the view's transaction."""
+    if response.is_streamed:
+        raise UsageError(
+            f"'@idempotent' on {func.__qualname__!r} cannot store a streamed response: a"
+            " replay must return the same body. Return the whole body instead."
+        )
+    session.execute(
+        sa.insert(idempotency_keys).values(
+            scope=scope,
+            key=key,
+            fingerprint=fingerprint,
+            status=response.status_code,
+            headers=[[n, v] for n, v in response.headers.items() if n.lower() not in _NOT_STORED],
+            body=response.get_data(),
+            created_at=now,
+            expires_at=now + datetime.timedelta(seconds=ttl),
+        )
+    )
+
+
+def _fingerprint() -> str:
+    """What makes two requests the same request: method, path with query, body."""
+    digest = hashlib.sha256()
+    for part in (request.method.encode(), request.full_path.encode(), request.get_data()):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _aware(moment: datetime.datetime) -> datetime.datetime:
+    """SQLite returns the stored UTC time without its zone."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
+
+
+def _refuse(status: int, reason: str, message: str, *, retry_after: int | None = None) -> Response:
+    log.info("Answered %d (%s) for endpoint %r.", status, reason, request.endpoint)
+    return error_response(status, {"error": message, "reason": reason}, retry_after)
+
+
+def purge_idempotency_keys() -> int:
+    """Delete the expired keys of the current app's database, in a transaction of its
+    own; return how many. Run it from a scheduled job.
+
+    .. versionadded:: 0.2.0
+    """
+    engine = app_state(user="'purge_idempotency_keys' was used").engine
+    now = datetime.datetime.now(datetime.UTC)
+    with engine.begin() as connection:
+        deleted = connection.execute(
+            sa.delete(idempotency_keys).where(idempotency_keys.c.expires_at <= now)
+        )
+    return int(deleted.rowcount)

@@ -1,0 +1,314 @@
+"""@idempotent on real databases: a repeated request is answered once, from the stored
+response, whatever the timing; concurrent copies are driven with events, no sleeps."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask, request
+
+from flask_txn import (
+    UsageError,
+    atomic,
+    idempotency_keys,
+    idempotent,
+    purge_idempotency_keys,
+    transaction_committed,
+)
+
+from .conftest import Attempts, Item
+
+TIMEOUT = 30
+
+
+@pytest.fixture
+def shop(make_app: Any) -> Iterator[tuple[Flask, Any, list[int]]]:
+    """An app whose ``POST /items`` adds an item under an idempotency key; the list
+    holds one entry per run of the view."""
+    app, txn = make_app(TXN_RETRY_SLEEP=lambda _: None)
+    runs: list[int] = []
+    with app.app_context():
+        idempotency_keys.drop(txn.engine, checkfirst=True)
+        idempotency_keys.create(txn.engine)
+
+    @app.post("/items")
+    @atomic
+    @idempotent
+    def add() -> Any:
+        runs.append(1)
+        item = Item(name=request.json["name"])
+        txn.session.add(item)
+        txn.session.flush()
+        if request.json.get("refuse"):
+            return {"error": "refused"}, 409
+        return {"id": item.id}, 201, {"Location": f"/items/{item.id}"}
+
+    yield app, txn, runs
+    with app.app_context():
+        idempotency_keys.drop(txn.engine)
+
+
+def post(app: Flask, key: str | None, name: str = "a", **extra: Any) -> Any:
+    headers = {} if key is None else {"Idempotency-Key": key}
+    return app.test_client().post("/items", json={"name": name, **extra}, headers=headers)
+
+
+def count(app: Flask, txn: Any, table: Any) -> int:
+    with app.app_context():
+        return int(txn.session.scalar(sa.select(sa.func.count()).select_from(table)))
+
+
+def test_a_repeat_gets_the_stored_response_and_the_view_runs_once(shop: Any) -> None:
+    """Same key, same request: the same status, body and headers; one item, one run."""
+    app, txn, runs = shop
+    first, again = post(app, "k1"), post(app, "k1")
+    assert (again.status_code, again.json, again.headers["Location"]) == (
+        first.status_code,
+        first.json,
+        first.headers["Location"],
+    )
+    assert (first.headers.get("Idempotent-Replayed"), again.headers["Idempotent-Replayed"]) == (
+        None,
+        "true",
+    )
+    assert (len(runs), count(app, txn, Item.__table__)) == (1, 1)
+
+
+def test_the_commit_signal_says_which_commit_was_a_replay(shop: Any) -> None:
+    """transaction_committed carries replayed=True for the repeat only."""
+    app, _, _ = shop
+    replayed: list[bool] = []
+    with transaction_committed.connected_to(lambda _, **p: replayed.append(p["replayed"])):
+        post(app, "k1")
+        post(app, "k1")
+    assert replayed == [False, True]
+
+
+def test_a_key_used_for_another_request_is_refused(shop: Any) -> None:
+    """Same key, another body: 422 naming the header, and the view does not run."""
+    app, txn, runs = shop
+    post(app, "k1", "a")
+    response = post(app, "k1", "b")
+    assert (response.status_code, response.json["reason"]) == (422, "idempotency-key-reused")
+    assert "'Idempotency-Key' 'k1' was already used for another request" in response.json["error"]
+    assert (len(runs), count(app, txn, Item.__table__)) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        (None, "idempotency-key-missing"),
+        ("", "idempotency-key-invalid"),
+        ("é", "idempotency-key-invalid"),
+        ("k" * 256, "idempotency-key-invalid"),
+    ],
+)
+def test_a_missing_or_malformed_key_is_400(shop: Any, key: str | None, reason: str) -> None:
+    """No header, or not 1 to 255 printable ASCII characters: 400 naming the header."""
+    app, _txn, runs = shop
+    response = app.test_client().post(
+        "/items",
+        json={"name": "a"},
+        headers={} if key is None else {"Idempotency-Key": key.encode("utf-8").decode("latin-1")},
+    )
+    assert (response.status_code, response.json["reason"], runs) == (400, reason, [])
+    assert "needs an 'Idempotency-Key' header of 1 to 255 printable ASCII" in response.json["error"]
+
+
+def test_an_optional_key_may_be_left_out(shop: Any) -> None:
+    """required=False: without the header the view runs each time and nothing is stored."""
+    app, txn, runs = shop
+
+    @app.post("/optional")
+    @atomic
+    @idempotent(required=False)
+    def optional() -> str:
+        runs.append(1)
+        return "ok"
+
+    client = app.test_client()
+    assert [client.post("/optional").status_code for _ in range(2)] == [200, 200]
+    assert (len(runs), count(app, txn, idempotency_keys)) == (2, 0)
+
+
+def test_a_refused_request_stores_nothing(shop: Any) -> None:
+    """An error response rolls the block back, the key's row with it: the repeat runs again."""
+    app, txn, runs = shop
+    assert post(app, "k1", refuse=True).status_code == 409
+    assert post(app, "k1", refuse=True).status_code == 409
+    assert (len(runs), count(app, txn, idempotency_keys), count(app, txn, Item.__table__)) == (
+        2,
+        0,
+        0,
+    )
+
+
+@pytest.mark.postgresql_only
+def test_a_retried_attempt_stores_the_key_once(make_app: Any, postgresql_url: str) -> None:
+    """A real 40001 after the view's work: the re-run stores one row, one item."""
+    app, txn = make_app(postgresql_url, TXN_RETRY_SLEEP=lambda _: None)
+    attempts = Attempts()
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/items")
+    @atomic
+    @idempotent
+    def add() -> Any:
+        txn.session.add(Item(name="a"))
+        txn.session.flush()
+        if attempts.first():
+            txn.session.execute(
+                sa.text("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40001'; END $$")
+            )
+        return {"ok": True}, 201
+
+    try:
+        first = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
+        again = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
+        assert (first.status_code, again.headers["Idempotent-Replayed"]) == (201, "true")
+        assert (attempts.total, count(app, txn, idempotency_keys)) == (2, 1)
+        assert count(app, txn, Item.__table__) == 1
+    finally:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
+
+
+def test_a_copy_that_arrives_while_the_first_runs(shop: Any, database_url: str) -> None:
+    """PostgreSQL: 409 with Retry-After while the first holds the key, then its answer.
+    SQLite runs one writer at a time: the copy waits and gets the first's answer."""
+    app, txn, runs = shop
+    inside, release = threading.Event(), threading.Event()
+
+    @app.post("/slow")
+    @atomic
+    @idempotent
+    def slow() -> Any:
+        runs.append(1)
+        txn.session.add(Item(name="slow"))
+        txn.session.flush()
+        inside.set()
+        assert release.wait(TIMEOUT)
+        return {"done": True}, 201
+
+    answers: dict[str, Any] = {}
+
+    def send(name: str) -> None:
+        answers[name] = app.test_client().post("/slow", headers={"Idempotency-Key": "k"})
+
+    first = threading.Thread(target=send, args=("first",))
+    first.start()
+    assert inside.wait(TIMEOUT)
+    if database_url.startswith("postgresql"):
+        send("copy")
+        release.set()
+        first.join(TIMEOUT)
+        assert (answers["copy"].status_code, answers["copy"].headers["Retry-After"]) == (409, "1")
+        assert answers["copy"].json["reason"] == "idempotency-key-in-flight"
+    else:
+        copy = threading.Thread(target=send, args=("copy",))
+        copy.start()
+        release.set()
+        first.join(TIMEOUT)
+        copy.join(TIMEOUT)
+        assert answers["copy"].headers["Idempotent-Replayed"] == "true"
+    later = app.test_client().post("/slow", headers={"Idempotency-Key": "k"})
+    assert (answers["first"].status_code, later.json, later.headers["Idempotent-Replayed"]) == (
+        201,
+        {"done": True},
+        "true",
+    )
+    assert (len(runs), count(app, txn, Item.__table__)) == (1, 1)
+
+
+def test_an_expired_key_runs_again_and_is_purged(shop: Any) -> None:
+    """Past its expiry a key is no longer answered; purge_idempotency_keys deletes it."""
+    app, txn, runs = shop
+    post(app, "old")
+    post(app, "new")
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
+    with app.app_context(), atomic():
+        txn.session.execute(
+            sa.update(idempotency_keys)
+            .where(idempotency_keys.c.key == "old")
+            .values(expires_at=past)
+        )
+    with app.app_context():
+        assert purge_idempotency_keys() == 1
+    assert post(app, "old").headers.get("Idempotent-Replayed") is None
+    with app.app_context(), atomic():
+        txn.session.execute(sa.update(idempotency_keys).values(expires_at=past))
+    # Expired but not yet purged: answered as if new, and stored again.
+    assert post(app, "new").headers.get("Idempotent-Replayed") is None
+    assert (len(runs), count(app, txn, idempotency_keys)) == (4, 2)
+
+
+def test_keys_are_scoped_by_the_hook(make_app: Any) -> None:
+    """TXN_IDEMPOTENCY_SCOPE: the same key from two users is two operations."""
+    app, txn = make_app(TXN_IDEMPOTENCY_SCOPE=lambda: request.headers["X-User"])
+    runs: list[str] = []
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/")
+    @atomic
+    @idempotent
+    def act() -> str:
+        runs.append(request.headers["X-User"])
+        return "ok"
+
+    client = app.test_client()
+    try:
+        for user in ("ann", "bob", "ann"):
+            client.post("/", headers={"Idempotency-Key": "k", "X-User": user})
+        assert runs == ["ann", "bob"]
+    finally:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
+
+
+def test_wrong_placement_is_refused(shop: Any) -> None:
+    """Above @atomic, the key could not be stored with the work: UsageError saying where."""
+    app, _txn, _ = shop
+
+    @app.post("/above")
+    @idempotent
+    @atomic
+    def above() -> str:
+        return "ok"
+
+    app.testing = True
+    with pytest.raises(UsageError, match="Put '@idempotent' right below '@atomic'"):
+        app.test_client().post("/above", headers={"Idempotency-Key": "k"})
+
+
+def test_async_views_and_classes_are_refused() -> None:
+    """What @idempotent cannot serve is refused when it is applied."""
+
+    async def view() -> str:
+        return "ok"
+
+    for target in (view, type("View", (), {})):
+        with pytest.raises(UsageError, match="Async views and classes are not supported"):
+            idempotent(target)
+
+
+def test_a_streamed_response_is_refused(shop: Any) -> None:
+    """A replay must return the same body: a generator's response cannot be stored."""
+    app, txn, _runs = shop
+
+    @app.post("/stream")
+    @atomic
+    @idempotent
+    def stream() -> Any:
+        return (part for part in ("a", "b"))
+
+    app.testing = True
+    with pytest.raises(UsageError, match="cannot store a streamed response"):
+        app.test_client().post("/stream", headers={"Idempotency-Key": "k"})
+    assert count(app, txn, idempotency_keys) == 0
