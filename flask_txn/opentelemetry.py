@@ -90,7 +90,7 @@ class _Instruments:
         meter = metrics.get_meter(SCOPE, __version__, meter_provider)
         return cls(
             commits=meter.create_counter(
-                "flask_txn.commits", "{transaction}", "Transactions committed."
+                "flask_txn.commits", "{transaction}", "Transactions committed, replays left out."
             ),
             rollbacks=meter.create_counter(
                 "flask_txn.rollbacks", "{rollback}", "Attempts rolled back, by reason."
@@ -194,13 +194,15 @@ def uninstrument(app: Flask | None = None) -> None:
 # -- the receivers ------------------------------------------------------------------------
 
 
-def _committed(app: Flask, **payload: Any) -> None:
+def _committed(app: Flask, *, replayed: bool, **payload: Any) -> None:
     """``transaction_committed``: count the commit; the block ended."""
     instruments = _registry.find(app)
     if instruments is not None:
         attributes = _common(payload)
-        instruments.commits.add(1, attributes)
-        _ended(instruments, "commit", attributes, payload, {})
+        # A replay of @idempotent only read the stored response: no work was committed.
+        if not replayed:
+            instruments.commits.add(1, attributes)
+        _ended(instruments, "replay" if replayed else "commit", attributes, payload, {})
 
 
 def _rolled_back(

@@ -23,7 +23,7 @@ from opentelemetry.semconv._incubating.attributes.db_attributes import DbSystemN
 from opentelemetry.semconv.attributes import db_attributes, error_attributes
 
 import flask_txn
-from flask_txn import UsageError, atomic, on_commit, testing
+from flask_txn import UsageError, atomic, idempotency_keys, idempotent, on_commit, testing
 from flask_txn import opentelemetry as txn_otel
 from flask_txn.opentelemetry import instrument, uninstrument
 
@@ -344,6 +344,38 @@ def test_failing_telemetry_changes_nothing(app_txn: Any, caplog: pytest.LogCaptu
     assert (response.status_code, ran, count_items(app, txn)) == (200, ["callback"], 1)
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(logged) == 3, logged  # rolled back (retry), retrying, committed
+
+
+def test_replay_is_not_a_commit(instrumented: Any, telemetry: Telemetry) -> None:
+    """A repeat answered by @idempotent from the stored response ends with outcome
+    'replay', and is left out of the commits."""
+    app, txn = instrumented
+    with app.app_context():
+        idempotency_keys.create(txn.engine)
+
+    @app.post("/items")
+    @atomic
+    @idempotent
+    def add() -> tuple[str, int]:
+        txn.session.add(Item(name="a"))
+        return "created", 201
+
+    try:
+        for _ in range(2):
+            with telemetry.tracer_provider.get_tracer("test").start_as_current_span("request"):
+                app.test_client().post("/items", headers={"Idempotency-Key": "k1"})
+    finally:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
+    outcomes = [
+        dict(s.attributes or {})["flask_txn.outcome"] for s in telemetry.spans.get_finished_spans()
+    ]
+    assert outcomes == ["commit", "replay"]
+    assert list(telemetry.counts("flask_txn.commits").values()) == [1]
+    by_outcome = {
+        dict(k)["flask_txn.outcome"]: n for k, n in telemetry.counts("flask_txn.attempts").items()
+    }
+    assert by_outcome == {"commit": 1, "replay": 1}
 
 
 def test_veto_and_teardown(instrumented: Any, telemetry: Telemetry) -> None:
