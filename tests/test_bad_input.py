@@ -33,6 +33,7 @@ from flask_txn import (
     register_error_handlers,
 )
 from flask_txn._config import DEFAULTS
+from flask_txn.opentelemetry import instrument
 from flask_txn.testing import Faults
 
 from .pgserver import free_port
@@ -106,6 +107,10 @@ def _error_handlers(target: object, **options: Any) -> Arrange:
 def _fail_next(_: str) -> Callable[[], object]:
     faults = Faults()
     return lambda: faults.fail_next(0)
+
+
+def _instrument(_: str) -> Callable[[], object]:
+    return lambda: instrument("app")  # type: ignore[arg-type]
 
 
 BAD_CONFIG = "test_extension.py::test_bad_config_value_is_refused"
@@ -607,6 +612,20 @@ TABLE = [
         "fail_next()",
         arrange=_fail_next,
         says=("'times'", "got 0", "whole number >= 1"),
+    ),
+    # -- OpenTelemetry
+    Row(
+        "otel-instrument-app",
+        ConfigError,
+        "instrument()",
+        arrange=_instrument,
+        says=("'app'", "got 'app'", "a Flask app or None"),
+    ),
+    Row(
+        "otel-extra-missing",
+        ImportError,
+        "import",
+        "test_opentelemetry.py::test_without_the_extra",
     ),
 ]
 

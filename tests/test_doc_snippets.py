@@ -20,10 +20,24 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask, request
 from flask.views import MethodView
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from flask_txn import FlaskTxn, atomic, on_commit, testing, transaction_committed
+from flask_txn import (
+    FlaskTxn,
+    atomic,
+    on_commit,
+    testing,
+    transaction_committed,
+    transaction_retrying,
+    transaction_rolled_back,
+)
+from flask_txn.opentelemetry import uninstrument
 
 # The plugin is off in this suite (pyproject.toml): borrow the one fixture used here.
 txn_faults = testing.txn_faults
@@ -37,6 +51,7 @@ PAGES = [
     "idempotency",
     "locking",
     "nplusone",
+    "observability",
     "reliability",
     "retries",
     "signals",
@@ -250,6 +265,60 @@ def _disconnect(receiver: Any) -> None:
 
     for signal in (transaction_retrying, transaction_rolled_back):
         signal.disconnect(receiver)
+
+
+def test_observability_page_runs(prelude: dict[str, Any], txn_faults: Any) -> None:
+    """observability.md: after a real retry and commit, the current span has the block's
+    summary, and the Prometheus registry and /metrics hold the page's samples."""
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    app = prelude["app"]
+    try:
+        run_page("observability", prelude)
+
+        @app.post("/pay")
+        @atomic
+        def pay() -> str:
+            return "ok"
+
+        txn_faults.fail_next(1, endpoint="pay")  # SQLite raises "database table is locked"
+        with tracer_provider.get_tracer("test").start_as_current_span("request"):
+            assert app.test_client().post("/pay").status_code == 200
+        served = app.test_client().get("/metrics")
+    finally:
+        uninstrument(app)
+        for signal, receiver in (
+            (transaction_committed, "count_commit"),
+            (transaction_rolled_back, "count_rollback"),
+            (transaction_retrying, "count_retry"),
+        ):
+            if receiver in prelude:
+                signal.disconnect(prelude[receiver])
+    (span,) = spans.get_finished_spans()
+    assert dict(span.attributes or {}) == {
+        "flask_txn.outcome": "commit",
+        "flask_txn.attempts": 2,
+        "flask_txn.isolation": "default",
+    }
+    text = generate_latest(prelude["registry"]).decode()
+    assert served.content_type.startswith("text/plain")
+    assert served.text == text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    pay_ = (("endpoint", "pay"),)
+    assert samples["flask_txn_commits_total", pay_] == 1
+    assert samples["flask_txn_retries_total", (*pay_, ("sqlstate", "SQLITE_LOCKED"))] == 1
+    retried = (*pay_, ("reason", "retry"), ("sqlstate", "SQLITE_LOCKED"))
+    assert samples["flask_txn_rollbacks_total", retried] == 1
+    assert samples["flask_txn_retry_wait_seconds_count", pay_] == 1
+    assert (samples["flask_txn_attempts_count", pay_], samples["flask_txn_attempts_sum", pay_]) == (
+        1,
+        2,
+    )
 
 
 def test_readme_quick_start_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
