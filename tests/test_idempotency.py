@@ -324,9 +324,29 @@ def test_a_streamed_response_is_refused(shop: Any) -> None:
     assert count(app, txn, idempotency_keys) == 0
 
 
-def test_the_alembic_recipe_creates_the_table(tmp_path: Path, database_url: str) -> None:
+@pytest.fixture
+def empty_database(database_url: str) -> Iterator[str]:
+    """A database with no table in it: autogenerate would drop other tests' tables.
+    SQLite's is a new file already; on PostgreSQL, a database made for the test."""
+    if not database_url.startswith("postgresql"):
+        yield database_url
+        return
+    server = sa.create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with server.connect() as connection:
+        connection.exec_driver_sql("DROP DATABASE IF EXISTS flask_txn_alembic")
+        connection.exec_driver_sql("CREATE DATABASE flask_txn_alembic")
+    try:
+        yield sa.make_url(database_url).set(database="flask_txn_alembic").render_as_string(False)
+    finally:
+        with server.connect() as connection:
+            connection.exec_driver_sql("DROP DATABASE flask_txn_alembic WITH (FORCE)")
+        server.dispose()
+
+
+def test_the_alembic_recipe_creates_the_table(tmp_path: Path, empty_database: str) -> None:
     """The docs' env.py line, given to Alembic's autogenerate: the migration it writes
     creates the table, and @idempotent works on it."""
+    database_url = empty_database
     (recipe,) = re.findall(
         r"^```\{code-block\} python\n(.*?)^```", (DOCS / "idempotency.md").read_text(), re.S | re.M
     )
