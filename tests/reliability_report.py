@@ -3,7 +3,7 @@
 ``FLASK_TXN_RELIABILITY_REPORT=FILE`` makes ``tests/test_reliability.py`` write one
 JSON line per case (``Run.figures``); this prints the page's tables from them::
 
-    python -m tests.reliability_report docs/benchmarks/reliability/reliability.jsonl
+    python -m tests.reliability_report docs/benchmarks/reliability/report.jsonl
 
 and ``tests/test_docs.py`` checks that the page holds exactly these tables for
 the committed file.
@@ -57,10 +57,14 @@ def _kind(key: str) -> str:
     return KINDS.get(key, key.removeprefix("sqlstate-"))
 
 
-def _answers(case: dict[str, Any]) -> str:
-    errors = {k: n for k, n in case["responses"].items() if not k.startswith("2")}
-    ordered = sorted(errors.items(), key=lambda item: (-item[1], item[0]))
+def _times(counts: Mapping[str, int]) -> str:
+    """``{"503 timeout": 3}`` as ``3 × 503 timeout``, largest first; ``0`` if empty."""  # noqa: RUF002
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return ", ".join(f"{count:,} × {answer}" for answer, count in ordered) or "0"  # noqa: RUF001
+
+
+def _answers(case: dict[str, Any]) -> str:
+    return _times({k: n for k, n in case["responses"].items() if not k.startswith("2")})
 
 
 def _violations(cases: list[dict[str, Any]]) -> str:
@@ -81,7 +85,7 @@ def _transfers(cases: list[dict[str, Any]]) -> str:
                 ISOLATION[case["endpoint"]],
                 f"{case['transfers']:,}",
                 f"{case['committed']:,}",
-                f"{given_up:,}" + (f" ({_counts(finals)})" if finals else ""),
+                f"{given_up:,}" + (f" ({_times(finals)})" if finals else ""),
                 f"{case['requests']:,}",
                 case["transfers_per_second"],
                 f"{case['max_latency']} s ({case['latency_bound']:g} s)",

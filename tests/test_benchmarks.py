@@ -18,7 +18,7 @@ from benchmarks import loadgen, results, workload
 from benchmarks import runs as saved_runs
 from benchmarks.results import Comparison, Run
 
-from . import pgserver
+from . import pgserver, reliability_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -240,3 +240,15 @@ def test_hot_lead_table_comes_from_the_saved_run() -> None:
             f" | {lead.median(variant, 'in_transaction'):.1f} |"
         )
         assert line in page, line
+
+
+def test_reliability_tables_are_the_saved_full_run() -> None:
+    """docs/reliability.md's figures of the last full run are the tables that
+    ``python -m tests.reliability_report`` makes from the committed report."""
+    page = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    saved = reliability_report.load(
+        ROOT / "docs" / "benchmarks" / "reliability" / "report.jsonl"
+    )
+    assert (len(saved), sum(case["transfers"] for case in saved)) == (14, 280_000)
+    for table in reliability_report.tables(saved).split("\n\n"):
+        assert table in page
