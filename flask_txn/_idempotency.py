@@ -20,18 +20,20 @@ import datetime
 import functools
 import hashlib
 import inspect
+import io
 import logging
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, cast, overload
 
 import sqlalchemy as sa
 from flask import current_app, has_request_context, request
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
 from ._config import check_flag
 from ._errorhandlers import error_response
-from ._errors import UsageError
+from ._errors import ConfigError, UsageError
 from ._locking import try_advisory_lock
 from ._state import app_state
 from ._transaction import current
@@ -41,14 +43,19 @@ R = TypeVar("R")
 
 log = logging.getLogger("flask_txn")
 
+#: The longest key accepted, the column's length.
+MAX_KEY_LENGTH = 255
+#: The longest scope accepted, the column's length.
+MAX_SCOPE_LENGTH = 200
+
 #: The keys' own MetaData, ``idempotency_keys.metadata``.
 metadata = sa.MetaData()
 
 idempotency_keys = sa.Table(
     "flask_txn_idempotency_key",
     metadata,
-    sa.Column("scope", sa.String(200), primary_key=True),
-    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("scope", sa.String(MAX_SCOPE_LENGTH), primary_key=True),
+    sa.Column("key", sa.String(MAX_KEY_LENGTH), primary_key=True),
     sa.Column("fingerprint", sa.String(64), nullable=False),
     sa.Column("status", sa.Integer, nullable=False),
     sa.Column("headers", sa.JSON, nullable=False),
@@ -59,8 +66,6 @@ idempotency_keys = sa.Table(
 """The table of stored responses, one row per (scope, key), in a ``MetaData`` of its
 own, ``idempotency_keys.metadata``: give that to Alembic beside your models'."""
 
-#: The longest key accepted, the column's length.
-MAX_KEY_LENGTH = 255
 #: Headers never stored: a cookie is a credential of the first client; the length
 #: is the body's own.
 _NOT_STORED = frozenset({"set-cookie", "content-length"})
@@ -137,7 +142,7 @@ def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool)
             f"'@idempotent' supports {' and '.join(_DIALECTS)}; the database is {dialect!r}."
             " Remove '@idempotent' from the view, or store its keys on a supported database."
         )
-    scope = "" if settings.idempotency_scope is None else str(settings.idempotency_scope())
+    scope = "" if settings.idempotency_scope is None else _scope(settings.idempotency_scope())
     if dialect == "postgresql" and not try_advisory_lock(f"flask-txn-idempotency:{scope}:{key}"):
         return _refuse(
             409,
@@ -187,24 +192,66 @@ def _store(
             f"'@idempotent' on {func.__qualname__!r} cannot store a streamed response: a"
             " replay must return the same body. Return the whole body instead."
         )
-    session.execute(
-        sa.insert(idempotency_keys).values(
-            scope=scope,
-            key=key,
-            fingerprint=fingerprint,
-            status=response.status_code,
-            headers=[[n, v] for n, v in response.headers.items() if n.lower() not in _NOT_STORED],
-            body=response.get_data(),
-            created_at=now,
-            expires_at=now + datetime.timedelta(seconds=ttl),
+    insert: Any = sa.insert(idempotency_keys)
+    if session.get_bind().dialect.name == "postgresql":
+        # Under REPEATABLE READ the snapshot may predate the commit of a copy
+        # that released the advisory lock just before this request took it, so
+        # the lookup missed its row. ON CONFLICT makes PostgreSQL report that as
+        # a serialization failure (40001), which @atomic retries on a new
+        # snapshot that finds the row, instead of a unique violation (a 500).
+        insert = postgresql.insert(idempotency_keys).on_conflict_do_nothing()
+    # An INSERT's result is a CursorResult, which has the rowcount.
+    stored = cast(
+        sa.CursorResult[Any],
+        session.execute(
+            insert.values(
+                scope=scope,
+                key=key,
+                fingerprint=fingerprint,
+                status=response.status_code,
+                headers=[
+                    [n, v] for n, v in response.headers.items() if n.lower() not in _NOT_STORED
+                ],
+                body=response.get_data(),
+                created_at=now,
+                expires_at=now + datetime.timedelta(seconds=ttl),
+            )
+        ),
+    )
+    if not stored.rowcount:
+        # READ COMMITTED: the lookup ran after the advisory lock was taken, so
+        # only a writer that bypassed the lock can have stored this key since.
+        raise UsageError(
+            f"The key {key!r} of scope {scope!r} was stored by another transaction while"
+            f" {func.__qualname__!r} ran, without the advisory lock '@idempotent' takes."
+            " Write to the idempotency_keys table only through '@idempotent'."
         )
+
+
+def _scope(value: object) -> str:
+    """The hook's result as stored: a str or an int, at most the column's length."""
+    # Only values whose str() is the same in every request: str() of an object
+    # (a user, not its id) names its address, a new scope each time, and every
+    # repeat would run the view again.
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        scope = str(value)
+        if len(scope) <= MAX_SCOPE_LENGTH:
+            return scope
+    raise ConfigError(
+        f"'TXN_IDEMPOTENCY_SCOPE' must return a str or an int of at most {MAX_SCOPE_LENGTH}"
+        f" characters, got {value!r} of type {type(value).__name__}. Return an id, such as"
+        " 'lambda: current_user.id', or '' for keys shared by the whole app."
     )
 
 
 def _fingerprint() -> str:
     """What makes two requests the same request: method, path with query, body."""
+    body = request.get_data(cache=True)
+    # get_data() read request.stream to its end: a view that reads the stream
+    # itself must find the whole body there.
+    request.stream = io.BytesIO(body)
     digest = hashlib.sha256()
-    for part in (request.method.encode(), request.full_path.encode(), request.get_data()):
+    for part in (request.method.encode(), request.full_path.encode(), body):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.hexdigest()

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from flask import Flask, request
 
 from flask_txn import (
+    ConfigError,
     FlaskTxn,
     UsageError,
     atomic,
@@ -389,3 +390,180 @@ def test_the_purge_command_deletes_expired_keys(shop: Any) -> None:
     assert (result.exit_code, result.output) == (0, "deleted 1 expired idempotency key\n")
     with app.app_context():
         assert txn.session.scalars(sa.select(idempotency_keys.c.key)).all() == ["new"]
+
+
+@pytest.mark.postgresql_only
+def test_a_copy_whose_snapshot_predates_the_first_commit_gets_its_answer(
+    make_app: Any, postgresql_url: str
+) -> None:
+    """REPEATABLE READ: a copy whose snapshot was taken (here by the scope hook's query)
+    before the first committed takes the freed lock, misses the row, and is retried
+    into a replay instead of a unique violation."""
+    copy_read, first_done = threading.Event(), threading.Event()
+
+    def scope() -> str:
+        if request.headers.get("X-Copy"):
+            # A query before the lock, as a hook that loads the user makes.
+            txn.session.execute(sa.text("SELECT 1"))
+            copy_read.set()
+            assert first_done.wait(TIMEOUT)
+        return ""
+
+    app, txn = make_app(
+        postgresql_url,
+        TXN_ISOLATION_LEVEL="REPEATABLE READ",
+        TXN_IDEMPOTENCY_SCOPE=scope,
+        TXN_RETRY_SLEEP=lambda _: None,
+    )
+    runs: list[int] = []
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/items")
+    @atomic
+    @idempotent
+    def add() -> Any:
+        runs.append(1)
+        txn.session.add(Item(name="a"))
+        return {"ok": True}, 201
+
+    answers: dict[str, Any] = {}
+
+    def send_copy() -> None:
+        answers["copy"] = app.test_client().post(
+            "/items", headers={"Idempotency-Key": "k", "X-Copy": "1"}
+        )
+
+    copy = threading.Thread(target=send_copy)
+    try:
+        copy.start()
+        assert copy_read.wait(TIMEOUT)
+        first = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
+        first_done.set()
+        copy.join(TIMEOUT)
+        assert (first.status_code, answers["copy"].status_code) == (201, 201)
+        assert answers["copy"].headers["Idempotent-Replayed"] == "true"
+        assert count(app, txn, Item.__table__) == 1
+    finally:
+        first_done.set()
+        copy.join(TIMEOUT)
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
+
+
+@pytest.mark.parametrize("value", [object(), None, True, 1.5, "u" * 201])
+def test_a_scope_that_would_not_match_again_is_refused(make_app: Any, value: object) -> None:
+    """The hook must return a str or int that fits the column: an object's str() names its
+    address, a new scope per request, and every repeat would run the view again."""
+    app, txn = make_app(TXN_IDEMPOTENCY_SCOPE=lambda: value)
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/")
+    @atomic
+    @idempotent
+    def act() -> str:
+        return "ok"
+
+    app.testing = True
+    try:
+        with pytest.raises(
+            ConfigError,
+            match=r"'TXN_IDEMPOTENCY_SCOPE' must return a str or an int of at most 200"
+            r" characters, got .* of type \w+\. Return an id, such as 'lambda: current_user.id'",
+        ):
+            app.test_client().post("/", headers={"Idempotency-Key": "k"})
+        assert count(app, txn, idempotency_keys) == 0
+    finally:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
+
+
+def test_an_int_scope_is_accepted(make_app: Any) -> None:
+    """An int id, the usual 'current_user.id', is stored as its digits."""
+    app, txn = make_app(TXN_IDEMPOTENCY_SCOPE=lambda: 42)
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/")
+    @atomic
+    @idempotent
+    def act() -> str:
+        return "ok"
+
+    try:
+        app.test_client().post("/", headers={"Idempotency-Key": "k"})
+        with app.app_context():
+            assert txn.session.scalars(sa.select(idempotency_keys.c.scope)).all() == ["42"]
+    finally:
+        with app.app_context():
+            txn.session.remove()
+            idempotency_keys.drop(txn.engine)
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_the_view_can_read_the_request_stream(make_app: Any, retries: int) -> None:
+    """The fingerprint reads the body; the view still finds all of it in request.stream."""
+    app, txn = make_app(TXN_RETRIES=retries)
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/upload")
+    @atomic
+    @idempotent
+    def upload() -> Any:
+        return {"read": request.stream.read().decode()}
+
+    try:
+        response = app.test_client().post(
+            "/upload",
+            data=b"the body",
+            headers={"Idempotency-Key": "k", "Content-Type": "application/octet-stream"},
+        )
+        assert response.json == {"read": "the body"}
+    finally:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
+
+
+@pytest.mark.postgresql_only
+def test_a_row_stored_behind_the_locks_back_is_an_error(make_app: Any, postgresql_url: str) -> None:
+    """READ COMMITTED: a row for the key written by a transaction that skipped the advisory
+    lock is refused with UsageError, rather than committing the work without its key."""
+    app, txn = make_app(postgresql_url, TXN_ISOLATION_LEVEL="READ COMMITTED")
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/")
+    @atomic
+    @idempotent
+    def act() -> str:
+        txn.session.add(Item(name="a"))
+        now = datetime.datetime.now(datetime.UTC)
+        with txn.engine.begin() as other:
+            other.execute(
+                sa.insert(idempotency_keys).values(
+                    scope="",
+                    key="k",
+                    fingerprint="",
+                    status=200,
+                    headers=[],
+                    body=b"",
+                    created_at=now,
+                    expires_at=now + datetime.timedelta(hours=1),
+                )
+            )
+        return "ok"
+
+    app.testing = True
+    try:
+        with pytest.raises(
+            UsageError,
+            match=r"The key 'k' of scope '' was stored by another transaction while .* ran,"
+            r" without the advisory lock '@idempotent' takes",
+        ):
+            app.test_client().post("/", headers={"Idempotency-Key": "k"})
+        assert count(app, txn, Item.__table__) == 0
+    finally:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
