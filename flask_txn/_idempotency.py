@@ -159,9 +159,12 @@ def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool)
         session.execute(sa.delete(idempotency_keys).where(this_key))
         stored = None
     if stored is None:
-        response = current_app.make_response(func(*args, **kwargs))
+        rv = func(*args, **kwargs)
+        response = current_app.make_response(rv)
         _store(session, func, response, scope, key, fingerprint, now, settings.idempotency_ttl)
-        return response
+        # The view's own return value, not the response made from it: a callable
+        # TXN_ROLLBACK_ON_STATUS is documented to judge what the view returned.
+        return rv
     if stored.fingerprint != fingerprint:
         return _refuse(
             422,

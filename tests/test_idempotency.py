@@ -567,3 +567,32 @@ def test_a_row_stored_behind_the_locks_back_is_an_error(make_app: Any, postgresq
     finally:
         with app.app_context():
             idempotency_keys.drop(txn.engine)
+
+
+def test_a_callable_veto_judges_what_the_view_returned(make_app: Any) -> None:
+    """TXN_ROLLBACK_ON_STATUS as a callable gets the view's tuple, as without @idempotent,
+    and its rollback takes the key's row with the work."""
+    seen: list[object] = []
+
+    def veto(rv: object) -> bool:
+        seen.append(rv)
+        return isinstance(rv, tuple) and rv[1] == 409
+
+    app, txn = make_app(TXN_ROLLBACK_ON_STATUS=veto)
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/")
+    @atomic
+    @idempotent
+    def act() -> Any:
+        txn.session.add(Item(name="a"))
+        return {"error": "taken"}, 409
+
+    try:
+        response = app.test_client().post("/", headers={"Idempotency-Key": "k"})
+        assert (response.status_code, seen) == (409, [({"error": "taken"}, 409)])
+        assert (count(app, txn, Item.__table__), count(app, txn, idempotency_keys)) == (0, 0)
+    finally:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
