@@ -22,6 +22,7 @@ from flask_txn import (
     ConfigError,
     FlaskTxn,
     UsageError,
+    advisory_lock_key,
     atomic,
     idempotency_keys,
     idempotent,
@@ -595,4 +596,68 @@ def test_a_callable_veto_judges_what_the_view_returned(make_app: Any) -> None:
         assert (count(app, txn, Item.__table__), count(app, txn, idempotency_keys)) == (0, 0)
     finally:
         with app.app_context():
+            idempotency_keys.drop(txn.engine)
+
+
+@pytest.mark.postgresql_only
+def test_a_resend_after_an_ambiguous_commit_that_committed_is_replayed(
+    make_app: Any, postgresql_url: str
+) -> None:
+    """COMMIT's reply is late (502 commit-unknown), the server commits after all: the
+    client's resend with the same key gets the first response, and the view ran once."""
+    app, txn = make_app(postgresql_url, TXN_READ_TIMEOUT=0.3, TXN_RETRY_SLEEP=lambda _: None)
+    runs: list[int] = []
+    engine = sa.create_engine(postgresql_url)
+    gate = 4243  # the advisory lock COMMIT waits on, held here
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE IF EXISTS commit_gate")
+        connection.exec_driver_sql("CREATE TABLE commit_gate (id int)")
+        connection.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION commit_gate_wait() RETURNS trigger LANGUAGE plpgsql"
+            f" AS $$ BEGIN PERFORM pg_advisory_xact_lock({gate}); RETURN NULL; END $$"
+        )
+        connection.exec_driver_sql(
+            "CREATE CONSTRAINT TRIGGER commit_gate AFTER INSERT ON commit_gate DEFERRABLE"
+            " INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_gate_wait()"
+        )
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/items")
+    @atomic
+    @idempotent
+    def add() -> Any:
+        runs.append(1)
+        txn.session.add(Item(name="a"))
+        txn.session.execute(sa.text("INSERT INTO commit_gate VALUES (1)"))
+        return {"ok": True}, 201
+
+    holder = engine.connect()
+    try:
+        holder.execute(sa.text(f"SELECT pg_advisory_lock({gate})"))
+        first = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
+        assert (first.status_code, first.json["reason"]) == (502, "commit-unknown")
+        holder.execute(sa.text(f"SELECT pg_advisory_unlock({gate})"))
+        # The abandoned backend holds the key's advisory lock until its COMMIT ends:
+        # taking it here waits for that, with no polling.
+        with engine.begin() as connection:
+            connection.execute(
+                sa.select(
+                    sa.func.pg_advisory_xact_lock(advisory_lock_key("flask-txn-idempotency::k"))
+                )
+            )
+        again = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
+        assert (again.status_code, again.json, again.headers["Idempotent-Replayed"]) == (
+            201,
+            {"ok": True},
+            "true",
+        )
+        assert (len(runs), count(app, txn, Item.__table__)) == (1, 1)
+    finally:
+        holder.close()
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE IF EXISTS commit_gate")
+        engine.dispose()
+        with app.app_context():
+            txn.engine.dispose()
             idempotency_keys.drop(txn.engine)
