@@ -143,7 +143,11 @@ def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool)
             " Remove '@idempotent' from the view, or store its keys on a supported database."
         )
     scope = "" if settings.idempotency_scope is None else _scope(settings.idempotency_scope())
-    if dialect == "postgresql" and not try_advisory_lock(f"flask-txn-idempotency:{scope}:{key}"):
+    # The scope's length makes the lock's name unambiguous: scope "a:b" with key
+    # "c" and scope "a" with key "b:c" are different keys, and must not exclude
+    # each other.
+    lock = f"flask-txn-idempotency:{len(scope)}:{scope}:{key}"
+    if dialect == "postgresql" and not try_advisory_lock(lock):
         return _refuse(
             409,
             "idempotency-key-in-flight",

@@ -643,7 +643,7 @@ def test_a_resend_after_an_ambiguous_commit_that_committed_is_replayed(
         with engine.begin() as connection:
             connection.execute(
                 sa.select(
-                    sa.func.pg_advisory_xact_lock(advisory_lock_key("flask-txn-idempotency::k"))
+                    sa.func.pg_advisory_xact_lock(advisory_lock_key("flask-txn-idempotency:0::k"))
                 )
             )
         again = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
@@ -660,4 +660,46 @@ def test_a_resend_after_an_ambiguous_commit_that_committed_is_replayed(
         engine.dispose()
         with app.app_context():
             txn.engine.dispose()
+            idempotency_keys.drop(txn.engine)
+
+
+@pytest.mark.postgresql_only
+def test_keys_that_join_to_the_same_text_do_not_exclude_each_other(
+    make_app: Any, postgresql_url: str
+) -> None:
+    """Scope 'a:b' with key 'c' is in flight: scope 'a' with key 'b:c' is another key,
+    and runs, instead of getting 409 for a lock it shares by name."""
+    app, txn = make_app(postgresql_url, TXN_IDEMPOTENCY_SCOPE=lambda: request.headers["X-User"])
+    inside, release = threading.Event(), threading.Event()
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/")
+    @atomic
+    @idempotent
+    def act() -> str:
+        if request.headers["X-User"] == "a:b":
+            inside.set()
+            assert release.wait(TIMEOUT)
+        return "done"
+
+    answers: dict[str, Any] = {}
+
+    def send(user: str, key: str) -> None:
+        answers[user] = app.test_client().post(
+            "/", headers={"Idempotency-Key": key, "X-User": user}
+        )
+
+    first = threading.Thread(target=send, args=("a:b", "c"))
+    try:
+        first.start()
+        assert inside.wait(TIMEOUT)
+        send("a", "b:c")
+        release.set()
+        first.join(TIMEOUT)
+        assert (answers["a"].status_code, answers["a:b"].status_code) == (200, 200)
+    finally:
+        release.set()
+        first.join(TIMEOUT)
+        with app.app_context():
             idempotency_keys.drop(txn.engine)
