@@ -703,3 +703,30 @@ def test_keys_that_join_to_the_same_text_do_not_exclude_each_other(
         first.join(TIMEOUT)
         with app.app_context():
             idempotency_keys.drop(txn.engine)
+
+
+def test_replays_and_refusals_are_logged(shop: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The docs' promise: each replay and each refusal at INFO on 'flask_txn', with the endpoint."""
+    app, _, _ = shop
+    with caplog.at_level("INFO", logger="flask_txn"):
+        post(app, "k1")
+        post(app, "k1")
+        post(app, "k1", "b")
+    messages = [r.getMessage() for r in caplog.records if r.name == "flask_txn"]
+    assert "Replayed the stored response of Idempotency-Key 'k1' for 'add'." in messages
+    assert "Answered 422 (idempotency-key-reused) for endpoint 'add'." in messages
+
+
+def test_an_unsupported_database_is_refused(
+    shop: Any, monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    """A database where the rules are not tested raises UsageError naming it."""
+    app, _, runs = shop
+    monkeypatch.setattr("flask_txn._idempotency._DIALECTS", ("mariadb",))
+    app.testing = True
+    dialect = database_url.split(":")[0].split("+")[0]
+    with pytest.raises(
+        UsageError, match=rf"'@idempotent' supports mariadb; the database is '{dialect}'\."
+    ):
+        post(app, "k1")
+    assert runs == []
