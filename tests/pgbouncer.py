@@ -47,7 +47,7 @@ def running(server: URL, *, ignore_startup_parameters: str = "") -> Iterator[URL
     binary = _binary()
     # PgBouncer refuses to run as root: as root, it runs as the server's user.
     user = pgserver._server_user()
-    port = pgserver._free_port()
+    port = pgserver.free_port()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "users.txt").write_text(f'"{server.username}" ""\n')
