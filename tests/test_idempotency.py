@@ -730,3 +730,25 @@ def test_an_unsupported_database_is_refused(
     ):
         post(app, "k1")
     assert runs == []
+
+
+def test_a_head_is_the_same_request_as_its_get(shop: Any) -> None:
+    """Flask serves HEAD with the GET view: the same key is a replay, not a 422."""
+    app, _, runs = shop
+
+    @app.get("/report")
+    @atomic
+    @idempotent
+    def report() -> Any:
+        runs.append(1)
+        return {"total": 1}
+
+    client = app.test_client()
+    get = client.get("/report", headers={"Idempotency-Key": "k"})
+    head = client.head("/report", headers={"Idempotency-Key": "k"})
+    assert (get.status_code, head.status_code, head.headers["Idempotent-Replayed"]) == (
+        200,
+        200,
+        "true",
+    )
+    assert (head.get_data(), len(runs)) == (b"", 1)
