@@ -20,6 +20,7 @@ import datetime
 import functools
 import hashlib
 import inspect
+import io
 import logging
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, overload
@@ -32,7 +33,7 @@ from werkzeug.wrappers import Response
 
 from ._config import check_flag
 from ._errorhandlers import error_response
-from ._errors import UsageError
+from ._errors import ConfigError, UsageError
 from ._locking import try_advisory_lock
 from ._state import app_state
 from ._transaction import current
@@ -45,11 +46,16 @@ log = logging.getLogger("flask_txn")
 #: The keys' own MetaData, ``idempotency_keys.metadata``.
 metadata = sa.MetaData()
 
+#: The longest key accepted, the column's length.
+MAX_KEY_LENGTH = 255
+#: The longest scope accepted, the column's length.
+MAX_SCOPE_LENGTH = 200
+
 idempotency_keys = sa.Table(
     "flask_txn_idempotency_key",
     metadata,
-    sa.Column("scope", sa.String(200), primary_key=True),
-    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("scope", sa.String(MAX_SCOPE_LENGTH), primary_key=True),
+    sa.Column("key", sa.String(MAX_KEY_LENGTH), primary_key=True),
     sa.Column("fingerprint", sa.String(64), nullable=False),
     sa.Column("status", sa.Integer, nullable=False),
     sa.Column("headers", sa.JSON, nullable=False),
@@ -60,8 +66,6 @@ idempotency_keys = sa.Table(
 """The table of stored responses, one row per (scope, key), in a ``MetaData`` of its
 own, ``idempotency_keys.metadata``: give that to Alembic beside your models'."""
 
-#: The longest key accepted, the column's length.
-MAX_KEY_LENGTH = 255
 #: Headers never stored: a cookie is a credential of the first client; the length
 #: is the body's own.
 _NOT_STORED = frozenset({"set-cookie", "content-length"})
@@ -138,8 +142,12 @@ def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool)
             f"'@idempotent' supports {' and '.join(_DIALECTS)}; the database is {dialect!r}."
             " Remove '@idempotent' from the view, or store its keys on a supported database."
         )
-    scope = "" if settings.idempotency_scope is None else str(settings.idempotency_scope())
-    if dialect == "postgresql" and not try_advisory_lock(f"flask-txn-idempotency:{scope}:{key}"):
+    scope = "" if settings.idempotency_scope is None else _scope(settings.idempotency_scope())
+    # The scope's length makes the lock's name unambiguous: scope "a:b" with key
+    # "c" and scope "a" with key "b:c" are different keys, and must not exclude
+    # each other.
+    lock = f"flask-txn-idempotency:{len(scope)}:{scope}:{key}"
+    if dialect == "postgresql" and not try_advisory_lock(lock):
         return _refuse(
             409,
             "idempotency-key-in-flight",
@@ -167,7 +175,8 @@ def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool)
             return _replay(attempt, stored, fingerprint, header, key)
         session.execute(sa.update(idempotency_keys).where(this_key).values(**claim))
         claimed = this_key
-    response = current_app.make_response(func(*args, **kwargs))
+    rv = func(*args, **kwargs)
+    response = current_app.make_response(rv)
     if response.is_streamed:
         raise UsageError(
             f"'@idempotent' on {func.__qualname__!r} cannot store a streamed response: a"
@@ -179,7 +188,9 @@ def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool)
         .where(claimed)
         .values(status=response.status_code, headers=stored_headers, body=response.get_data())
     )
-    return response
+    # The view's own return value, not the response made from it: a callable
+    # TXN_ROLLBACK_ON_STATUS is documented to judge what the view returned.
+    return rv
 
 
 def _claim(session: Session, dialect: str, claim: dict[str, Any]) -> Any:
@@ -219,10 +230,32 @@ def _replay(attempt: Any, stored: Any, fingerprint: str, header: str, key: str) 
     return replay
 
 
+def _scope(value: object) -> str:
+    """The hook's result as stored: a str or an int, at most the column's length."""
+    # Only values whose str() is the same in every request: str() of an object
+    # (a user, not its id) names its address, a new scope each time, and every
+    # repeat would run the view again.
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        scope = str(value)
+        if len(scope) <= MAX_SCOPE_LENGTH:
+            return scope
+    raise ConfigError(
+        f"'TXN_IDEMPOTENCY_SCOPE' must return a str or an int of at most {MAX_SCOPE_LENGTH}"
+        f" characters, got {value!r} of type {type(value).__name__}. Return an id, such as"
+        " 'lambda: current_user.id', or '' for keys shared by the whole app."
+    )
+
+
 def _fingerprint() -> str:
     """What makes two requests the same request: method, path with query, body."""
+    body = request.get_data(cache=True)
+    # get_data() read request.stream to its end: a view that reads the stream
+    # itself must find the whole body there.
+    request.stream = io.BytesIO(body)
     digest = hashlib.sha256()
-    for part in (request.method.encode(), request.full_path.encode(), request.get_data()):
+    # Flask serves HEAD with the GET view and drops the body: the same request.
+    method = "GET" if request.method == "HEAD" else request.method
+    for part in (method.encode(), request.full_path.encode(), body):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.hexdigest()

@@ -591,6 +591,12 @@ TABLE = [
         "the request",
         "test_idempotency.py::test_a_streamed_response_is_refused",
     ),
+    Row(
+        "idempotency-scope-result",
+        ConfigError,
+        "the request",
+        "test_idempotency.py::test_a_scope_that_would_not_match_again_is_refused",
+    ),
     # -- error responses and the testing plugin
     Row(
         "error-handlers-retry-after",

@@ -19,8 +19,10 @@ import sqlalchemy as sa
 from flask import Flask, request
 
 from flask_txn import (
+    ConfigError,
     FlaskTxn,
     UsageError,
+    advisory_lock_key,
     atomic,
     idempotency_keys,
     idempotent,
@@ -411,3 +413,322 @@ def test_the_purge_command_deletes_expired_keys(shop: Any) -> None:
     assert (result.exit_code, result.output) == (0, "deleted 1 expired idempotency key\n")
     with app.app_context():
         assert txn.session.scalars(sa.select(idempotency_keys.c.key)).all() == ["new"]
+
+
+@pytest.mark.postgresql_only
+def test_a_copy_whose_snapshot_predates_the_first_commit_gets_its_answer(
+    make_app: Any, postgresql_url: str
+) -> None:
+    """REPEATABLE READ: a copy whose snapshot was taken (here by the scope hook's query)
+    before the first committed takes the freed lock, misses the row, and is retried
+    into a replay instead of a unique violation."""
+    copy_read, first_done = threading.Event(), threading.Event()
+
+    def scope() -> str:
+        if request.headers.get("X-Copy"):
+            # A query before the lock, as a hook that loads the user makes.
+            txn.session.execute(sa.text("SELECT 1"))
+            copy_read.set()
+            assert first_done.wait(TIMEOUT)
+        return ""
+
+    app, txn = make_app(
+        postgresql_url,
+        TXN_ISOLATION_LEVEL="REPEATABLE READ",
+        TXN_IDEMPOTENCY_SCOPE=scope,
+        TXN_RETRY_SLEEP=lambda _: None,
+    )
+    runs: list[int] = []
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/items")
+    @atomic
+    @idempotent
+    def add() -> Any:
+        runs.append(1)
+        txn.session.add(Item(name="a"))
+        return {"ok": True}, 201
+
+    answers: dict[str, Any] = {}
+
+    def send_copy() -> None:
+        answers["copy"] = app.test_client().post(
+            "/items", headers={"Idempotency-Key": "k", "X-Copy": "1"}
+        )
+
+    copy = threading.Thread(target=send_copy)
+    try:
+        copy.start()
+        assert copy_read.wait(TIMEOUT)
+        first = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
+        first_done.set()
+        copy.join(TIMEOUT)
+        assert (first.status_code, answers["copy"].status_code) == (201, 201)
+        assert answers["copy"].headers["Idempotent-Replayed"] == "true"
+        assert count(app, txn, Item.__table__) == 1
+    finally:
+        first_done.set()
+        copy.join(TIMEOUT)
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
+
+
+@pytest.mark.parametrize("value", [object(), None, True, 1.5, "u" * 201])
+def test_a_scope_that_would_not_match_again_is_refused(make_app: Any, value: object) -> None:
+    """The hook must return a str or int that fits the column: an object's str() names its
+    address, a new scope per request, and every repeat would run the view again."""
+    app, txn = make_app(TXN_IDEMPOTENCY_SCOPE=lambda: value)
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/")
+    @atomic
+    @idempotent
+    def act() -> str:
+        return "ok"
+
+    app.testing = True
+    try:
+        with pytest.raises(
+            ConfigError,
+            match=r"'TXN_IDEMPOTENCY_SCOPE' must return a str or an int of at most 200"
+            r" characters, got .* of type \w+\. Return an id, such as 'lambda: current_user.id'",
+        ):
+            app.test_client().post("/", headers={"Idempotency-Key": "k"})
+        assert count(app, txn, idempotency_keys) == 0
+    finally:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
+
+
+def test_an_int_scope_is_accepted(make_app: Any) -> None:
+    """An int id, the usual 'current_user.id', is stored as its digits."""
+    app, txn = make_app(TXN_IDEMPOTENCY_SCOPE=lambda: 42)
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/")
+    @atomic
+    @idempotent
+    def act() -> str:
+        return "ok"
+
+    try:
+        app.test_client().post("/", headers={"Idempotency-Key": "k"})
+        with app.app_context():
+            assert txn.session.scalars(sa.select(idempotency_keys.c.scope)).all() == ["42"]
+    finally:
+        with app.app_context():
+            txn.session.remove()
+            idempotency_keys.drop(txn.engine)
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_the_view_can_read_the_request_stream(make_app: Any, retries: int) -> None:
+    """The fingerprint reads the body; the view still finds all of it in request.stream."""
+    app, txn = make_app(TXN_RETRIES=retries)
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/upload")
+    @atomic
+    @idempotent
+    def upload() -> Any:
+        return {"read": request.stream.read().decode()}
+
+    try:
+        response = app.test_client().post(
+            "/upload",
+            data=b"the body",
+            headers={"Idempotency-Key": "k", "Content-Type": "application/octet-stream"},
+        )
+        assert response.json == {"read": "the body"}
+    finally:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
+
+
+@pytest.mark.postgresql_only
+def test_a_callable_veto_judges_what_the_view_returned(make_app: Any) -> None:
+    """TXN_ROLLBACK_ON_STATUS as a callable gets the view's tuple, as without @idempotent,
+    and its rollback takes the key's row with the work."""
+    seen: list[object] = []
+
+    def veto(rv: object) -> bool:
+        seen.append(rv)
+        return isinstance(rv, tuple) and rv[1] == 409
+
+    app, txn = make_app(TXN_ROLLBACK_ON_STATUS=veto)
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/")
+    @atomic
+    @idempotent
+    def act() -> Any:
+        txn.session.add(Item(name="a"))
+        return {"error": "taken"}, 409
+
+    try:
+        response = app.test_client().post("/", headers={"Idempotency-Key": "k"})
+        assert (response.status_code, seen) == (409, [({"error": "taken"}, 409)])
+        assert (count(app, txn, Item.__table__), count(app, txn, idempotency_keys)) == (0, 0)
+    finally:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
+
+
+@pytest.mark.postgresql_only
+def test_a_resend_after_an_ambiguous_commit_that_committed_is_replayed(
+    make_app: Any, postgresql_url: str
+) -> None:
+    """COMMIT's reply is late (502 commit-unknown), the server commits after all: the
+    client's resend with the same key gets the first response, and the view ran once."""
+    app, txn = make_app(postgresql_url, TXN_READ_TIMEOUT=0.3, TXN_RETRY_SLEEP=lambda _: None)
+    runs: list[int] = []
+    engine = sa.create_engine(postgresql_url)
+    gate = 4243  # the advisory lock COMMIT waits on, held here
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE IF EXISTS commit_gate")
+        connection.exec_driver_sql("CREATE TABLE commit_gate (id int)")
+        connection.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION commit_gate_wait() RETURNS trigger LANGUAGE plpgsql"
+            f" AS $$ BEGIN PERFORM pg_advisory_xact_lock({gate}); RETURN NULL; END $$"
+        )
+        connection.exec_driver_sql(
+            "CREATE CONSTRAINT TRIGGER commit_gate AFTER INSERT ON commit_gate DEFERRABLE"
+            " INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_gate_wait()"
+        )
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/items")
+    @atomic
+    @idempotent
+    def add() -> Any:
+        runs.append(1)
+        txn.session.add(Item(name="a"))
+        txn.session.execute(sa.text("INSERT INTO commit_gate VALUES (1)"))
+        return {"ok": True}, 201
+
+    holder = engine.connect()
+    try:
+        holder.execute(sa.text(f"SELECT pg_advisory_lock({gate})"))
+        first = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
+        assert (first.status_code, first.json["reason"]) == (502, "commit-unknown")
+        holder.execute(sa.text(f"SELECT pg_advisory_unlock({gate})"))
+        # The abandoned backend holds the key's advisory lock until its COMMIT ends:
+        # taking it here waits for that, with no polling.
+        with engine.begin() as connection:
+            connection.execute(
+                sa.select(
+                    sa.func.pg_advisory_xact_lock(advisory_lock_key("flask-txn-idempotency:0::k"))
+                )
+            )
+        again = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
+        assert (again.status_code, again.json, again.headers["Idempotent-Replayed"]) == (
+            201,
+            {"ok": True},
+            "true",
+        )
+        assert (len(runs), count(app, txn, Item.__table__)) == (1, 1)
+    finally:
+        holder.close()
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE IF EXISTS commit_gate")
+        engine.dispose()
+        with app.app_context():
+            txn.engine.dispose()
+            idempotency_keys.drop(txn.engine)
+
+
+@pytest.mark.postgresql_only
+def test_keys_that_join_to_the_same_text_do_not_exclude_each_other(
+    make_app: Any, postgresql_url: str
+) -> None:
+    """Scope 'a:b' with key 'c' is in flight: scope 'a' with key 'b:c' is another key,
+    and runs, instead of getting 409 for a lock it shares by name."""
+    app, txn = make_app(postgresql_url, TXN_IDEMPOTENCY_SCOPE=lambda: request.headers["X-User"])
+    inside, release = threading.Event(), threading.Event()
+    with app.app_context():
+        idempotency_keys.create(txn.engine, checkfirst=True)
+
+    @app.post("/")
+    @atomic
+    @idempotent
+    def act() -> str:
+        if request.headers["X-User"] == "a:b":
+            inside.set()
+            assert release.wait(TIMEOUT)
+        return "done"
+
+    answers: dict[str, Any] = {}
+
+    def send(user: str, key: str) -> None:
+        answers[user] = app.test_client().post(
+            "/", headers={"Idempotency-Key": key, "X-User": user}
+        )
+
+    first = threading.Thread(target=send, args=("a:b", "c"))
+    try:
+        first.start()
+        assert inside.wait(TIMEOUT)
+        send("a", "b:c")
+        release.set()
+        first.join(TIMEOUT)
+        assert (answers["a"].status_code, answers["a:b"].status_code) == (200, 200)
+    finally:
+        release.set()
+        first.join(TIMEOUT)
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
+
+
+def test_replays_and_refusals_are_logged(shop: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The docs' promise: each replay and each refusal at INFO on 'flask_txn', with the endpoint."""
+    app, _, _ = shop
+    with caplog.at_level("INFO", logger="flask_txn"):
+        post(app, "k1")
+        post(app, "k1")
+        post(app, "k1", "b")
+    messages = [r.getMessage() for r in caplog.records if r.name == "flask_txn"]
+    assert "Replayed the stored response of Idempotency-Key 'k1' for 'add'." in messages
+    assert "Answered 422 (idempotency-key-reused) for endpoint 'add'." in messages
+
+
+def test_an_unsupported_database_is_refused(
+    shop: Any, monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    """A database where the rules are not tested raises UsageError naming it."""
+    app, _, runs = shop
+    monkeypatch.setattr("flask_txn._idempotency._DIALECTS", ("mariadb",))
+    app.testing = True
+    dialect = database_url.split(":")[0].split("+")[0]
+    with pytest.raises(
+        UsageError, match=rf"'@idempotent' supports mariadb; the database is '{dialect}'\."
+    ):
+        post(app, "k1")
+    assert runs == []
+
+
+def test_a_head_is_the_same_request_as_its_get(shop: Any) -> None:
+    """Flask serves HEAD with the GET view: the same key is a replay, not a 422."""
+    app, _, runs = shop
+
+    @app.get("/report")
+    @atomic
+    @idempotent
+    def report() -> Any:
+        runs.append(1)
+        return {"total": 1}
+
+    client = app.test_client()
+    get = client.get("/report", headers={"Idempotency-Key": "k"})
+    head = client.head("/report", headers={"Idempotency-Key": "k"})
+    assert (get.status_code, head.status_code, head.headers["Idempotent-Replayed"]) == (
+        200,
+        200,
+        "true",
+    )
+    assert (head.get_data(), len(runs)) == (b"", 1)
