@@ -250,3 +250,265 @@ def test_reliability_tables_are_the_saved_full_run() -> None:
     assert (len(saved), sum(case["transfers"] for case in saved)) == (14, 280_000)
     for table in reliability_report.tables(saved).split("\n\n"):
         assert table in page
+
+
+def _shows(text: str, value: float) -> bool:
+    """Whether ``text`` (a figure as a page prints it: ``1,493 ms``, ``0.3%``,
+    ``662/s``) is ``value`` rounded to the digits the page shows."""
+    number = text.removesuffix(" ms").removesuffix("/s").replace(",", "")
+    if number.endswith("%"):
+        number, value = number[:-1], value * 100
+    digits = len(number.partition(".")[2])
+    return abs(float(number) - value) <= 0.5 * 10**-digits + 1e-9
+
+
+def _table_rows(page: str, header: str) -> list[list[list[str]]]:
+    """The rows of each table whose header line is ``header``, in page order,
+    each row as its cells."""
+    tables = []
+    for part in page.split(header + "\n")[1:]:
+        lines = part.split("\n\n")[0].splitlines()[1:]  # after the --- line
+        tables.append([[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines])
+    return tables
+
+
+def test_backoff_sweeps_come_from_the_saved_runs() -> None:
+    """docs/performance.md's four backoff tables, and the failure shares and p99s
+    that its prose quotes from them, are the medians of the four saved runs."""
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    saved = ROOT / "docs" / "benchmarks"
+    folders = [saved, saved / "full-437f78e", saved / "full-2fc7c60", saved / "backoff"]
+    tables = _table_rows(
+        page, "| `wait_initial`, `wait_max` | 2 clients | 8 clients | 32 clients |"
+    )
+    assert len(tables) == len(folders)
+    sweeps = []
+    for folder, rows in zip(folders, tables, strict=True):
+        _, comparisons = results.load(folder / "results.json")
+        sweep = {c.clients: c for c in comparisons if c.key == "backoff"}
+        sweeps.append(sweep)
+        assert len(rows) == 6, folder
+        for label, *cells in rows:
+            label = label.strip("*")
+            waits = label.split(" (")[0]
+            for clients, cell in zip((2, 8, 32), cells, strict=True):
+                comparison = sweep[clients]
+                variant = (
+                    comparison.anchor
+                    if label.startswith("pgbench")
+                    else "flask-txn `wait_initial={}, wait_max={}`".format(*waits.split(", "))
+                )
+                shown = cell.split("; ")
+                figures = [
+                    comparison.median(variant),
+                    comparison.median(variant, "failed_share"),
+                    comparison.median(variant, "retries_per_commit"),
+                    comparison.median(variant, "p99_ms"),
+                ]
+                for text, value in zip(shown, figures, strict=True):
+                    assert _shows(text, value), (folder.name, label, clients, text, value)
+    prose = " ".join(page.split())
+
+    def each(initial: str, clients: int, attribute: str) -> list[float]:
+        variant = f"flask-txn `wait_initial={initial}, wait_max=1`"
+        return [sweep[clients].median(variant, attribute) for sweep in sweeps]
+
+    for initial, ms in (("0.01", 10), ("0.02", 20)):
+        *first, last = (f"{share:.1%}" for share in each(initial, 32, "failed_share"))
+        assert f"with {ms} ms, {', '.join(first)} and {last}" in prose
+    assert max(each("0.05", 32, "failed_share")) == 0.0  # "with 50 ms, none"
+    # "At 2 clients it committed the most of flask-txn's settings in three of the
+    # four sweeps (not at `2fc7c60`)"
+    at_once_best = [
+        max(list(sweep[2].runs)[1:], key=sweep[2].median)
+        == "flask-txn `wait_initial=0, wait_max=0`"
+        for sweep in sweeps
+    ]
+    assert at_once_best == [True, True, False, True]
+    ranges = [
+        f"{min(p99s):.0f}-{max(p99s):.0f} ms"
+        for p99s in (each(initial, 2, "p99_ms") for initial in ("0.01", "0.02", "0.05"))
+    ]
+    assert f"from {ranges[0]} (10 ms) to {ranges[1]} (20 ms) and {ranges[2]} (50 ms)" in prose
+
+
+def test_paired_figures_come_from_the_saved_runs() -> None:
+    """The 5b table of docs/performance.md and the paired figures that it and
+    docs/retries.md quote are those of docs/benchmarks/paired-32 (and -2x-cores)."""
+    saved = ROOT / "docs" / "benchmarks"
+    _, comparisons = results.load(saved / "paired-32" / "results.json")
+    paired = {
+        c.title.split(":")[0].removeprefix("5b. "): c for c in comparisons if c.key == "paired"
+    }
+    ser = "`transfer_ser.sql`, `--max-tries=10`"
+    atomic = "flask-txn `@atomic(isolation='SERIALIZABLE', retries=9)`"
+    labels = {
+        "hot: pgbench, retries at once": paired[f"pgbench {ser}"],
+        "hot: flask-txn, a connection per client": paired[atomic],
+        "hot: flask-txn, pool of 1 x cores": paired[f"{atomic}, pool of 1 x cores"],
+        "cold: pgbench": paired["pgbench `transfer_rc_plain.sql`"],
+        "cold: flask-txn": paired["flask-txn `@atomic(isolation='READ COMMITTED')`"],
+    }
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    (rows,) = _table_rows(
+        page,
+        "| variant | 8 clients | 32 clients | share kept | failed at 32"
+        " | retries/commit at 32 | p99 at 32 |",
+    )
+    assert [row[0] for row in rows] == list(labels)
+    for label, *cells in rows:
+        c = labels[label]
+        figures = [
+            c.median("8 clients"),
+            c.median("32 clients"),
+            c.ratio("32 clients"),
+            c.median("32 clients", "failed_share"),
+            c.median("32 clients", "retries_per_commit"),
+            c.median("32 clients", "p99_ms"),
+        ]
+        for text, value in zip(cells, figures, strict=True):
+            assert _shows(text, value), (label, text, value)
+    _, comparisons = results.load(saved / "paired-32-2x-cores" / "results.json")
+    (double,) = [c for c in comparisons if c.key == "paired" and "2 x cores" in c.title]
+    bounded = labels["hot: flask-txn, pool of 1 x cores"]
+    retries = " ".join((ROOT / "docs" / "retries.md").read_text(encoding="utf-8").split())
+    for text in (
+        f"kept {bounded.ratio('32 clients'):.2f} of its 8-client goodput at 32 clients",
+        f"{bounded.median('8 clients'):,.0f}/s, then {bounded.median('32 clients'):,.0f}/s",
+        f"a p99 of {bounded.median('32 clients', 'p99_ms'):,.0f} ms at 32 clients",
+        f"it kept {labels['hot: flask-txn, a connection per client'].ratio('32 clients'):.2f},",
+        f"as cores kept {double.ratio('32 clients'):.2f}",
+        f"({double.median('32 clients', 'retries_per_commit'):.2f} retries per commit at 32"
+        f" clients against {bounded.median('32 clients', 'retries_per_commit'):.2f} with one",
+    ):
+        assert text in retries, text
+    prose = " ".join(page.split())
+    assert (
+        f"kept {double.ratio('32 clients'):.2f} with it ({double.median('8 clients'):,.0f}/s,"
+        f" then {double.median('32 clients'):,.0f}/s, p99"
+        f" {double.median('32 clients', 'p99_ms'):,.0f} ms)" in prose
+    )
+
+
+def test_overhead_cost_in_microseconds_comes_from_the_eight_saved_runs() -> None:
+    """The Performance page's "about N µs of its M ms" is the medians over the eight
+    saved runs of what @atomic adds to a request and of a hand-written request."""
+    page = " ".join((ROOT / "docs" / "performance.md").read_text(encoding="utf-8").split())
+    saved = ROOT / "docs" / "benchmarks"
+    folders = sorted((saved / "restructure").glob("after-*")) + sorted(saved.glob("nplusone-*"))
+    added, request = [], []
+    for folder in folders:
+        _, comparisons = results.load(folder / "results.json")
+        (overhead,) = [c for c in comparisons if c.key == "overhead"]
+        hand = 1e6 / overhead.median(overhead.anchor)
+        added.append(1e6 / overhead.median("flask-txn `@atomic`") - hand)
+        request.append(hand)
+    micro = round(statistics.median(added), -1)
+    milli = statistics.median(request) / 1000
+    assert f"about {micro:.0f} µs of its {milli:.1f} ms or so" in page
+    assert f"one row, about {micro:.0f} µs (median of eight saved runs" in page
+
+
+def test_nplusone_run_by_run_figures_come_from_the_saved_runs() -> None:
+    """docs/nplusone.md's run-by-run ratios are those of nplusone-1 to -3."""
+    page = " ".join((ROOT / "docs" / "nplusone.md").read_text(encoding="utf-8").split())
+    table = saved_runs.ratios(sorted((ROOT / "docs" / "benchmarks").glob("nplusone-*")))
+    pairs = zip(
+        table[("overhead", "flask-txn `@atomic`")],
+        table[("overhead", "flask-txn `@atomic`, N+1 guard on (`TXN_NPLUSONE='warn'`)")],
+        strict=True,
+    )
+    *first, last = (f"{off:.3f} and {on:.3f}" for off, on in pairs)
+    assert f"Run by run the two rows are {', '.join(first)}, {last}:" in page
+
+
+def test_scenario_prose_comes_from_the_full_run() -> None:
+    """The figures that docs/performance.md's sections 2 to 5 quote in prose are
+    the medians and ratios of the full run in docs/benchmarks/results.json."""
+    page = " ".join((ROOT / "docs" / "performance.md").read_text(encoding="utf-8").split())
+    _, comparisons = results.load(ROOT / "docs" / "benchmarks" / "results.json")
+    at = {(c.key, c.clients): c for c in comparisons}
+    cold, hot, locks = at[("cold", 8)], at[("serializable", 8)], at[("read-committed", 8)]
+    lean, bounded, ordered, shuffled_updates, pg_plain = (
+        list(cold.runs)[2],
+        list(hot.runs)[2],
+        *list(locks.runs)[1:],
+    )
+    atomic_cold, atomic_hot = list(cold.runs)[1], list(hot.runs)[1]
+    for text in (
+        f"pgbench commits about {cold.median(cold.anchor):,.0f} transfers/s",
+        f"a ratio of {cold.ratio(atomic_cold):.3f}",
+        f"changes little here ({cold.median(lean):,.0f}/s)",
+        f"flask-txn commits {hot.median(atomic_hot):.0f} transfers/s with none failed,"
+        f" {hot.median(atomic_hot, 'retries_per_commit'):.2f} retries per commit and a p99"
+        f" of {hot.median(atomic_hot, 'p99_ms'):.0f} ms",
+        f"pgbench commits {hot.median(hot.anchor):.0f}/s, and"
+        f" {hot.median(hot.anchor, 'failed_share'):.0%} of its transfers fail after 10"
+        f" attempts, with {hot.median(hot.anchor, 'retries_per_commit'):.2f} retries",
+        f"flask-txn commits {hot.median(bounded):.0f}/s, {hot.ratio(bounded):.1f} times"
+        f" pgbench, with {hot.median(bounded, 'retries_per_commit'):.2f} retries per commit"
+        f" and a p99 of {hot.median(bounded, 'p99_ms'):.0f} ms",
+        f"commits {locks.median(locks.anchor):,.0f}/s; flask-txn with `lock_rows`"
+        f" {locks.median(ordered):.0f}/s (ratio {locks.ratio(ordered):.2f})",
+        f"with a p99 of {locks.median(ordered, 'p99_ms'):.0f} ms",
+        f"That variant commits {locks.median(shuffled_updates):.0f}/s with a p99 of"
+        f" {locks.median(shuffled_updates, 'p99_ms'):.0f} ms",
+        f"retrying at once, commits {locks.median(pg_plain):.0f}/s",
+    ):
+        assert text in page, text
+    cold32, hot1, hot32 = at[("cold", 32)], at[("serializable", 1)], at[("serializable", 32)]
+    for text in (
+        f"fell to {at[('cold', 16)].median(atomic_cold):.0f}/s at 16 and"
+        f" {cold32.median(atomic_cold):.0f}/s at 32 clients"
+        f" ({cold32.median(atomic_cold) / cold.median(atomic_cold):.2f} of its 8-client"
+        f" goodput; pgbench {cold32.median(cold.anchor) / cold.median(cold.anchor):.2f})",
+        f"{hot1.median(hot.anchor):,.0f}/s at 1 client, {hot.median(hot.anchor):.0f}/s at 8"
+        f" and {hot32.median(hot.anchor):.0f}/s at 32, where"
+        f" {hot32.median(hot.anchor, 'failed_share'):.0%} of its transfers fail",
+        f"keeps {hot32.median(atomic_hot):.0f}/s at 32 clients,"
+        f" {hot32.median(atomic_hot) / hot.median(atomic_hot):.2f} of its 8-client goodput,"
+        f" with {hot32.median(atomic_hot, 'failed_share'):.1%} failing and a p99 of"
+        f" {hot32.median(atomic_hot, 'p99_ms') / 1000:.1f} s",
+        f"commits {hot32.median(bounded):.0f}/s at 32 clients,"
+        f" {hot32.median(bounded) / hot.median(bounded):.2f} of its goodput at 8 clients and"
+        f" {hot32.median(bounded) / hot32.median(hot.anchor):.0f} times pgbench's",
+        f"with none failing and a p99 of {hot32.median(bounded, 'p99_ms'):.0f} ms",
+    ):
+        assert text in page, text
+
+
+def test_async_page_prose_comes_from_the_saved_run() -> None:
+    """The rates docs/async.md compares in prose are those of the saved run."""
+    page = " ".join((ROOT / "docs" / "async.md").read_text(encoding="utf-8").split())
+    saved = json.loads((ROOT / "docs" / "benchmarks" / "async" / "results.json").read_text())
+    sync, pooled, nullpool, _, hand = saved.values()
+    for text in (
+        f"(1/{nullpool['rate_1']:.0f} s against 1/{pooled['rate_1']:.0f} s)",
+        f"from {nullpool['rate_n']:.0f} to {pooled['rate_n']:.0f} requests/s",
+        f"({pooled['rate_1']:.0f} against {sync['rate_1']:.0f} requests/s)",
+        f"({pooled['rate_n']:.0f} against {sync['rate_n']:.0f})",
+        f"({nullpool['rate_1']:.0f} and {hand['rate_1']:.0f} requests/s from one thread,"
+        f" {nullpool['rate_n']:.0f} and {hand['rate_n']:.0f} from four)",
+    ):
+        assert text in page, text
+    cost_ms = 1000 / nullpool["rate_1"] - 1000 / pooled["rate_1"]
+    assert f"about {cost_ms:.0f} ms here" in page
+
+
+def test_cold_paired_shares_come_from_the_three_saved_paired_runs() -> None:
+    """docs/performance.md's shares of the 8-client goodput that cold transfers keep
+    at 32 clients span the full run's 5b and the two 10-round paired runs."""
+    page = " ".join((ROOT / "docs" / "performance.md").read_text(encoding="utf-8").split())
+    saved = ROOT / "docs" / "benchmarks"
+    kept: dict[str, list[float]] = {"flask-txn": [], "pgbench": []}
+    for folder in (saved, saved / "paired-32", saved / "paired-32-2x-cores"):
+        _, comparisons = results.load(folder / "results.json")
+        for c in comparisons:
+            if c.key == "paired" and "cold" in c.title:
+                kept[c.title.removeprefix("5b. ").split()[0]].append(c.ratio("32 clients"))
+    ours, theirs = kept["flask-txn"], kept["pgbench"]
+    assert (len(ours), len(theirs)) == (3, 3)
+    assert (
+        f"cold transfers of flask-txn keep {min(ours):.2f} to {max(ours):.2f}"
+        f" (pgbench's {min(theirs):.2f} to {max(theirs):.2f})" in page
+    )
