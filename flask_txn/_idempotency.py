@@ -124,7 +124,7 @@ def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool)
         )
     settings = app_state(user="'@idempotent' was used").settings
     header = settings.idempotency_header
-    key = request.headers.get(header)
+    key = _unquoted(request.headers.get(header))
     if key is None and not required:
         return func(*args, **kwargs)
     if key is None or not (1 <= len(key) <= MAX_KEY_LENGTH and key.isascii() and key.isprintable()):
@@ -132,8 +132,10 @@ def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool)
             400,
             "idempotency-key-missing" if key is None else "idempotency-key-invalid",
             f"This request needs an {header!r} header of 1 to {MAX_KEY_LENGTH} printable ASCII"
-            f" characters, got {key if key is None else key[:300]!r}. Send a new value (a"
-            " UUID) for each operation, and the same value when you send it again.",
+            " characters, "
+            + ("and sent none." if key is None else f"and sent {key[:300]!r}.")
+            + " Send a new value (a UUID) for each operation, and the same value when you"
+            " send it again.",
         )
     session = attempt.session
     dialect = session.get_bind().dialect.name
@@ -151,8 +153,8 @@ def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool)
         return _refuse(
             409,
             "idempotency-key-in-flight",
-            f"A request with this {header!r} is still being handled. Send it again in 1 s"
-            " to get its answer.",
+            f"A request with the {header!r} {key!r} is still being handled. Send it again"
+            " in 1 s to get its answer.",
             retry_after=1,
         )
     now = datetime.datetime.now(datetime.UTC)
@@ -228,6 +230,14 @@ def _replay(attempt: Any, stored: Any, fingerprint: str, header: str, key: str) 
     replay = Response(stored.body, stored.status, [tuple(pair) for pair in stored.headers])
     replay.headers["Idempotent-Replayed"] = "true"
     return replay
+
+
+def _unquoted(value: str | None) -> str | None:
+    """The key of the header: the IETF draft sends it as a quoted string (``"k"``),
+    many clients send it bare (``k``); both are the key ``k``."""
+    if value is not None and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
 
 
 def _scope(value: object) -> str:

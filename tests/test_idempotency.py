@@ -128,6 +128,8 @@ def test_a_missing_or_malformed_key_is_400(shop: Any, key: str | None, reason: s
     )
     assert (response.status_code, response.json["reason"], runs) == (400, reason, [])
     assert "needs an 'Idempotency-Key' header of 1 to 255 printable ASCII" in response.json["error"]
+    sent = "and sent none." if key is None else "and sent '"
+    assert sent in response.json["error"]
 
 
 def test_an_optional_key_may_be_left_out(shop: Any) -> None:
@@ -732,3 +734,10 @@ def test_a_head_is_the_same_request_as_its_get(shop: Any) -> None:
         "true",
     )
     assert (head.get_data(), len(runs)) == (b"", 1)
+
+
+def test_a_quoted_key_is_the_same_key(shop: Any) -> None:
+    """The IETF draft's form, a quoted string, names the same key as the bare form."""
+    app, _txn, runs = shop
+    first, again = post(app, '"k1"'), post(app, "k1")
+    assert (again.headers["Idempotent-Replayed"], again.json, len(runs)) == ("true", first.json, 1)
