@@ -246,9 +246,7 @@ def test_reliability_tables_are_the_saved_full_run() -> None:
     """docs/reliability.md's figures of the last full run are the tables that
     ``python -m tests.reliability_report`` makes from the committed report."""
     page = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
-    saved = reliability_report.load(
-        ROOT / "docs" / "benchmarks" / "reliability" / "report.jsonl"
-    )
+    saved = reliability_report.load(ROOT / "docs" / "benchmarks" / "reliability" / "report.jsonl")
     assert (len(saved), sum(case["transfers"] for case in saved)) == (14, 280_000)
     for table in reliability_report.tables(saved).split("\n\n"):
         assert table in page
