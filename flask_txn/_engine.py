@@ -19,7 +19,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool
 from sqlalchemy.util import queue
 
-from . import _timeouts
+from . import _timeouts, _watchdog
 from ._config import Settings
 from ._errors import ConfigError
 
@@ -87,7 +87,7 @@ def make_engine(settings: Settings) -> Engine:
         ) from None
     if engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite":
         _use_sqlite_transactions(engine)
-    _timeouts.watch(engine, settings.timeouts.read)
+    _watchdog.watch(engine, settings.timeouts.read)
     _ENGINES.add(engine)
     return engine
 

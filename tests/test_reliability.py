@@ -1188,6 +1188,44 @@ def test_read_timeout_ends_a_statement_with_no_reply(
     assert "No reply from the database for 0.3 s during a statement" in caplog.text
 
 
+def test_a_statement_the_watchdog_cut_is_not_retried(postgresql_url: str) -> None:
+    """A decorated block whose statement outlived TXN_READ_TIMEOUT runs once, not once per retry."""
+    from flask_txn import atomic
+
+    app, ext = plain_app(postgresql_url, TXN_READ_TIMEOUT=0.3, TXN_RETRIES=3)
+    calls = []
+
+    @atomic(wait_initial=0)
+    def slow() -> None:
+        calls.append(1)
+        ext.session.execute(sa.text("SELECT pg_sleep(5)"))
+
+    with app.app_context(), pytest.raises(sa.exc.OperationalError) as raised:
+        slow()
+    with app.app_context():
+        ext.engine.dispose()
+    assert (calls, raised.value.connection_invalidated) == ([1], True)
+
+
+def test_a_statement_timeout_is_not_retried_even_by_retry_on(driver_url: str) -> None:
+    """TXN_STATEMENT_TIMEOUT cancels a slow statement (57014) once, though retry_on names it."""
+    from flask_txn import atomic, sqlstate_of
+
+    app, ext = plain_app(driver_url, TXN_STATEMENT_TIMEOUT=0.2, TXN_RETRIES=3)
+    calls = []
+
+    @atomic(wait_initial=0, retry_on=sa.exc.OperationalError)
+    def slow() -> None:
+        calls.append(1)
+        ext.session.execute(sa.text("SELECT pg_sleep(5)"))
+
+    with app.app_context(), pytest.raises(sa.exc.OperationalError) as raised:
+        slow()
+    with app.app_context():
+        ext.engine.dispose()
+    assert (calls, sqlstate_of(raised.value)) == ([1], "57014")
+
+
 def test_read_timeout_during_commit_is_an_ambiguous_commit(postgresql_url: str) -> None:
     """COMMIT whose reply is late: AmbiguousCommitError, and indeed the server committed later."""
     from flask_txn import AmbiguousCommitError, atomic
