@@ -88,6 +88,7 @@ def make_engine(settings: Settings) -> Engine:
     if engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite":
         _use_sqlite_transactions(engine)
     _watchdog.watch(engine, settings.timeouts.read)
+    _timeouts.set_per_transaction(engine, settings.timeouts.statement)
     _ENGINES.add(engine)
     return engine
 
@@ -161,7 +162,7 @@ def make_async_engine(settings: Settings, url: URL) -> AsyncEngine:
         _timeouts.connect_options if options["poolclass"] is NullPool else _timeouts.engine_options
     )
     try:
-        return create_async_engine(url, **with_timeouts(url, settings.timeouts, options))
+        engine = create_async_engine(url, **with_timeouts(url, settings.timeouts, options))
     except ImportError as exc:
         key = "TXN_DATABASE_URI" if settings.async_url is None else "TXN_ASYNC_DATABASE_URI"
         raise missing_driver(key, url, exc) from None
@@ -173,6 +174,8 @@ def make_async_engine(settings: Settings, url: URL) -> AsyncEngine:
             " arguments of create_async_engine() that this driver and pool accept, e.g."
             " {'echo': True}."
         ) from None
+    _timeouts.set_per_transaction(engine.sync_engine, settings.timeouts.statement)
+    return engine
 
 
 def _async_pool_options(url: URL, options: Mapping[str, Any]) -> dict[str, Any]:

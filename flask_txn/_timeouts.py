@@ -7,15 +7,17 @@ offers:
 
 - ``TXN_CONNECT_TIMEOUT``: libpq's ``connect_timeout``;
 - ``TXN_TCP_TIMEOUT``: libpq's ``keepalives*`` and ``tcp_user_timeout``;
-- ``TXN_STATEMENT_TIMEOUT``: ``statement_timeout``, sent when connecting;
+- ``TXN_STATEMENT_TIMEOUT``: ``SET LOCAL statement_timeout`` as each
+  transaction begins (:func:`set_per_transaction`), never a startup parameter,
+  which a pooler in transaction mode (PgBouncer) refuses or drops;
 - ``TXN_READ_TIMEOUT``: the watchdog of :mod:`flask_txn._watchdog`;
 - ``TXN_POOL_TIMEOUT``: the ``pool_timeout`` of a QueuePool, for any database.
 
 The first four apply to PostgreSQL through psycopg2 and psycopg only: for
 another database the first two do nothing, and setting the statement or read
 timeout is refused. The async engine gets the first three (through asyncpg,
-the connect and statement timeouts), not the watchdog.
-
+the connect timeout, and the statement timeout as its ``server_settings``), not
+the watchdog.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import pool
-from sqlalchemy.engine import URL
+from sqlalchemy import Connection, event, pool
+from sqlalchemy.engine import URL, Engine
 
 from ._errors import ConfigError
 
@@ -201,21 +203,14 @@ def connect_options(url: URL, timeouts: Timeouts, options: Mapping[str, Any]) ->
     or asyncpg's connect timeout and ``statement_timeout`` setting.
 
     A connection parameter in the user's ``connect_args`` or in the URL's query
-    wins over flask-txn's; a user's libpq ``options`` string is kept after
-    flask-txn's, so its ``-c`` settings win too, as do the user's asyncpg
-    ``server_settings``.
+    wins over flask-txn's, as do the user's asyncpg ``server_settings``. The
+    libpq drivers get no statement timeout here: see :func:`set_per_transaction`.
     """
     merged = dict(options)
     given = dict(merged.get("connect_args", {}))
     if uses_libpq(url):
-        ours = _libpq_parameters(timeouts)
-        if "options" in ours:
-            theirs = given.get("options", url.query.get("options"))
-            if isinstance(theirs, str) and theirs.strip():
-                ours["options"] = f"{ours['options']} {theirs}"
-            given.pop("options", None)
-        for key, value in ours.items():
-            if key == "options" or (key not in given and key not in url.query):
+        for key, value in _libpq_parameters(timeouts).items():
+            if key not in given and key not in url.query:
                 given[key] = value
     elif url.get_backend_name() == "postgresql" and url.get_driver_name() == "asyncpg":
         if timeouts.connect is not None:
@@ -246,7 +241,28 @@ def _libpq_parameters(timeouts: Timeouts) -> dict[str, Any]:
             keepalives_count=_KEEPALIVE_COUNT,
             tcp_user_timeout=milliseconds(timeouts.tcp),
         )
-    if timeouts.statement is not None:
-        # A validated number, so the string is never user text.
-        parameters["options"] = f"-c statement_timeout={milliseconds(timeouts.statement)}"
     return parameters
+
+
+def set_per_transaction(engine: Engine, seconds: float | None) -> None:
+    """Make each transaction of a libpq engine begin with ``SET LOCAL statement_timeout``.
+
+    Sent per transaction rather than when connecting, it reaches the server
+    connection that runs the transaction even through a pooler in transaction
+    mode, and ends with it. A block's own ``statement_timeout`` is set after it,
+    so it wins. A connection in AUTOCOMMIT has no transaction to set it in: its
+    statements run under the server's (or role's) ``statement_timeout``.
+
+    :param engine: an engine flask-txn made (the sync engine of an async one).
+    :param seconds: the statement timeout in force, or None to send nothing.
+    """
+    if seconds is None or not uses_libpq(engine.url):
+        return
+    # A validated number, so the statement is never user text.
+    statement = f"SET LOCAL statement_timeout = {milliseconds(seconds)}"
+
+    def begin(connection: Connection) -> None:
+        if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            connection.exec_driver_sql(statement)
+
+    event.listen(engine, "begin", begin)
