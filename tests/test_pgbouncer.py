@@ -2,7 +2,8 @@
 
 Each transaction may run on a different server connection, and PgBouncer
 refuses (or, told to, drops) libpq's ``options`` startup parameter: what
-flask-txn sets must be set per transaction.
+flask-txn sets must be set per transaction, and psycopg 3 must not rely on
+statements it prepared on one server connection.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from flask import Flask
 
-from flask_txn import atomic, sqlstate_of
+from flask_txn import FlaskTxn, atomic, sqlstate_of
 
 from . import pgbouncer
 from .conftest import Attempts, Item
 from .test_conflicts import TIMEOUT, retries_of, run_concurrently, values
+
+#: Concurrent clients for the prepared statements test, and blocks each runs.
+CLIENTS, BLOCKS = 8, 40
 
 
 @pytest.fixture(params=["psycopg2", "psycopg"])
@@ -149,6 +154,43 @@ def test_a_real_serialization_failure_is_retried(make_app: Any) -> None:
 
 
 @pytest.mark.parametrize("driver", ["psycopg"])
+@pytest.mark.parametrize("bouncer", [""], indirect=True, ids=["refusing-options"])
+def test_psycopg3_statements_from_concurrent_clients(make_app: Any) -> None:
+    """psycopg 3 by default, 8 clients each running the same statements more often than its
+    prepare threshold: no block fails on a statement another client prepared."""
+    app, txn = make_app(TXN_ENGINE_OPTIONS={"pool_size": CLIENTS, "max_overflow": 0})
+    with app.app_context(), atomic():
+        txn.session.add_all(Item(id=n, name=str(n)) for n in range(CLIENTS))
+    start = threading.Barrier(CLIENTS, timeout=TIMEOUT)
+    failures: list[BaseException] = []
+
+    @atomic(retries=0)
+    def work(n: int) -> None:
+        txn.session.execute(sa.text("SELECT CAST(:a AS int)"), {"a": n})
+        txn.session.execute(sa.text("SELECT CAST(:a AS int) + CAST(:b AS int)"), {"a": n, "b": 1})
+        item = txn.session.get(Item, n)
+        assert item is not None
+        item.value += 1
+
+    def client(n: int) -> None:
+        start.wait()
+        for _ in range(BLOCKS):
+            try:
+                with app.app_context():
+                    work(n)
+            except sa.exc.DBAPIError as exc:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads), "a client hung"
+    assert ([sqlstate_of(e) for e in failures], set(values(app, txn).values())) == ([], {BLOCKS})
+
+
+@pytest.mark.parametrize("driver", ["psycopg"])
 def test_the_async_engine_gets_the_statement_timeout(make_app: Any) -> None:
     """psycopg 3's async engine through PgBouncer: TXN_STATEMENT_TIMEOUT holds in a block."""
     app, txn = make_app(TXN_STATEMENT_TIMEOUT=5)
@@ -161,3 +203,18 @@ def test_the_async_engine_gets_the_statement_timeout(make_app: Any) -> None:
     with app.app_context():
         asyncio.run(look())
     assert seen == ["5s"]
+
+
+def test_psycopg3_prepares_nothing_unless_asked(postgresql_url: str) -> None:
+    """flask-txn's psycopg 3 connections have prepare_threshold None; connect_args' value wins."""
+    url = sa.make_url(postgresql_url).set(drivername="postgresql+psycopg")
+    seen = []
+    for config in ({}, {"TXN_ENGINE_OPTIONS": {"connect_args": {"prepare_threshold": 5}}}):
+        app = Flask("prepared")
+        app.config.update(TXN_DATABASE_URI=url, **config)
+        txn = FlaskTxn(app)
+        with app.app_context(), txn.engine.connect() as connection:
+            seen.append(connection.connection.dbapi_connection.prepare_threshold)  # type: ignore[union-attr]
+        with app.app_context():
+            txn.engine.dispose()
+    assert seen == [None, 5]
