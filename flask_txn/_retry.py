@@ -101,10 +101,14 @@ def is_retryable(exc: BaseException) -> bool:
 
     See the table in :doc:`/retries`: serialization failures and deadlocks on
     every supported database, SQLite's busy and locked errors, and a connection
-    lost *before* COMMIT. A connection lost *during* COMMIT is not answered
-    here: ``atomic`` raises :class:`AmbiguousCommitError` for it.
+    lost *before* COMMIT, unless the read watchdog cut it (see :doc:`/retries`). A
+    connection lost *during* COMMIT is not answered here: ``atomic`` raises
+    :class:`AmbiguousCommitError` for it.
 
     :param exc: any exception; SQLAlchemy's wrappers and ``__cause__`` are followed.
+
+    .. versionchanged:: 0.2.0
+       False for a connection the read watchdog cut.
     """
     for error in _chain(exc):
         code = _driver_code(error)
