@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from ._config import Settings, hide_password
 from ._engine import async_url
 from ._state import AppState
-from ._timeouts import milliseconds, uses_libpq
+from ._timeouts import uses_libpq
 
 #: Warnings about the pool's size fire above this many connections per database core.
 CONNECTIONS_PER_CORE = 2
@@ -57,8 +57,6 @@ class _Server:
     local: bool | None
     #: PostgreSQL: the port the server listens on
     port: int | None = None
-    #: PostgreSQL: statement_timeout in force on the connection, in ms
-    statement_timeout: int | None = None
     #: SQLite: the journal mode
     journal_mode: str | None = None
 
@@ -130,14 +128,11 @@ def _server(connection: Connection) -> _Server:
     if dialect.name == "postgresql":
         # inet_server_addr() is NULL over a Unix socket: the server is on this machine.
         # Through a pooler it is the address the pooler reached the server at.
-        address, port, timeout = connection.execute(
-            text(
-                "SELECT inet_server_addr()::text, current_setting('port')::int,"
-                " setting::int FROM pg_settings WHERE name = 'statement_timeout'"
-            )
+        address, port = connection.execute(
+            text("SELECT inet_server_addr()::text, current_setting('port')::int")
         ).one()
         local = address is None or ipaddress.ip_interface(address).is_loopback
-        return _Server(version, isolation, local, port=port, statement_timeout=timeout)
+        return _Server(version, isolation, local, port=port)
     # Other servers do not say where they run: the URL's host may be an alias.
     return _Server(version, isolation, local=None)
 
@@ -152,8 +147,9 @@ def _cannot_connect(url: URL, exc: Exception) -> str:
     if "unsupported startup parameter" in error:
         message = message.rstrip(".") + (
             ". A pooler (PgBouncer) refused a libpq startup parameter: flask-txn sends"
-            " 'TXN_STATEMENT_TIMEOUT' (or 'TXN_RETRY_DEADLINE') in 'options'. Set"
-            " 'TXN_STATEMENT_TIMEOUT' to 0 and set statement_timeout on the database role."
+            " none (its statement timeout is set per transaction), so it is in your"
+            " 'options' (URL or 'connect_args'). Remove it, and set 'TXN_STATEMENT_TIMEOUT'"
+            " or the setting on the database role instead."
         )
     return message
 
@@ -271,21 +267,6 @@ def _warnings(
                 " 'TXN_RETRY_DEADLINE' (e.g. 10), which also bounds the statement timeout and"
                 " the pool's wait.",
                 "docs/reliability.md, 'Bounding every wait'",
-            )
-        )
-    sent = settings.timeouts.statement
-    # Only libpq drivers get a statement timeout flask-txn derives (read_timeouts).
-    if sent and server.statement_timeout not in (None, milliseconds(sent)):
-        found.append(
-            Finding(
-                "statement-timeout-lost",
-                f"flask-txn sends statement_timeout={milliseconds(sent)} ms in libpq's"
-                f" 'options' (from {settings.timeouts.sources['statement']!r}), but the"
-                f" server reports {server.statement_timeout} ms: a pooler in between"
-                " dropped it (PgBouncer's 'ignore_startup_parameters'), or a"
-                " '-c statement_timeout' of your own in 'options' replaced it. Set"
-                " statement_timeout on the database role instead.",
-                "docs/config.md, 'TXN_STATEMENT_TIMEOUT'",
             )
         )
     if sqlite and isinstance(engine.pool, pool.SingletonThreadPool):

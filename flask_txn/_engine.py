@@ -19,7 +19,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool
 from sqlalchemy.util import queue
 
-from . import _timeouts
+from . import _timeouts, _watchdog
 from ._config import Settings
 from ._errors import ConfigError
 
@@ -47,6 +47,8 @@ _PACKAGES = {
 
 #: Sync drivers whose own package also speaks asyncio under the same URL.
 _SAME_DRIVER_ASYNC = frozenset({"postgresql+psycopg"})
+#: psycopg 3's driver names, sync and async.
+_PSYCOPG3 = frozenset({"psycopg", "psycopg_async"})
 #: Async drivers whose connections may serve one event loop after another.
 _LOOP_FREE_DRIVERS = frozenset({"psycopg"})
 #: create_engine() arguments that only a pool that keeps connections takes.
@@ -75,7 +77,7 @@ def make_engine(settings: Settings) -> Engine:
         {**_dialect_defaults(settings.url), **settings.engine_options},
     )
     try:
-        engine = sa.create_engine(settings.url, **options)
+        engine = sa.create_engine(settings.url, **_unprepared(settings.url, options))
     except ImportError as exc:
         raise missing_driver("TXN_DATABASE_URI", settings.url, exc) from None
     except TypeError as exc:
@@ -87,7 +89,8 @@ def make_engine(settings: Settings) -> Engine:
         ) from None
     if engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite":
         _use_sqlite_transactions(engine)
-    _timeouts.watch(engine, settings.timeouts.read)
+    _watchdog.watch(engine, settings.timeouts.read)
+    _timeouts.set_per_transaction(engine, settings.timeouts.statement)
     _ENGINES.add(engine)
     return engine
 
@@ -108,6 +111,22 @@ def _dialect_defaults(url: URL) -> dict[str, Any]:
     # A server may drop idle connections (restart, failover, idle timeouts):
     # test each one on checkout rather than fail the first statement of a request.
     return {"pool_pre_ping": True}
+
+
+def _unprepared(url: URL, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with psycopg 3's automatic prepared statements off, unless the
+    user's ``connect_args`` set ``prepare_threshold``.
+
+    A prepared statement lives in one server connection; behind a pooler in
+    transaction mode (PgBouncer) the next transaction may run on another, which
+    fails with 26000, 42P05 or 08P01.
+    """
+    if url.get_driver_name() not in _PSYCOPG3:
+        return options
+    return {
+        **options,
+        "connect_args": {"prepare_threshold": None, **options.get("connect_args", {})},
+    }
 
 
 def _use_sqlite_transactions(engine: Engine) -> None:
@@ -161,7 +180,9 @@ def make_async_engine(settings: Settings, url: URL) -> AsyncEngine:
         _timeouts.connect_options if options["poolclass"] is NullPool else _timeouts.engine_options
     )
     try:
-        return create_async_engine(url, **with_timeouts(url, settings.timeouts, options))
+        engine = create_async_engine(
+            url, **_unprepared(url, with_timeouts(url, settings.timeouts, options))
+        )
     except ImportError as exc:
         key = "TXN_DATABASE_URI" if settings.async_url is None else "TXN_ASYNC_DATABASE_URI"
         raise missing_driver(key, url, exc) from None
@@ -173,6 +194,8 @@ def make_async_engine(settings: Settings, url: URL) -> AsyncEngine:
             " arguments of create_async_engine() that this driver and pool accept, e.g."
             " {'echo': True}."
         ) from None
+    _timeouts.set_per_transaction(engine.sync_engine, settings.timeouts.statement)
+    return engine
 
 
 def _async_pool_options(url: URL, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.orm import Session
 
 from ._errors import UsageError
-from ._retry import is_retryable, sqlstate_of
+from ._retry import is_retryable, sqlstate_of, timed_out
 from ._session import IN_FAILED_TRANSACTION
 from ._transaction import Attempt, current, current_on
 
@@ -33,7 +33,7 @@ def record_error(context: ExceptionContext) -> None:
         attempt.last_error = error
     reconnect = context.connection is None and _may_reconnect(attempt)
     if attempt.first_retriable_error is None and (
-        context.is_disconnect or reconnect or is_retryable(error)
+        (context.is_disconnect and not timed_out(error)) or reconnect or is_retryable(error)
     ):
         attempt.first_retriable_error = error
 

@@ -21,6 +21,9 @@ SQLite                        ``SQLITE_BUSY*``,           ``sqlite_errorname``
 any                           connection lost before      SQLAlchemy's
                               COMMIT                      ``connection_invalidated``
 ============================  ==========================  =====================
+
+Never retried: a statement that a timeout flask-txn enforces ended (``57014``,
+or a connection the read watchdog cut), see :func:`timed_out`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ from sqlalchemy.exc import DBAPIError
 from ._config import RetryOn, RetryPolicy
 
 _RETRIABLE_CODES = frozenset({"40001", "40P01", "1213"})
+#: SQLSTATE of a statement cancelled: by its statement timeout, or by a cancel request.
+QUERY_CANCELED = "57014"
+#: Attribute set (True) on a driver error raised because the read watchdog cut the connection.
+WATCHDOG_MARK = "flask_txn_read_timeout"
 _RETRIABLE_SQLITE = ("SQLITE_BUSY", "SQLITE_LOCKED")
 #: SQLSTATE of "statement completion unknown": the outcome of COMMIT is unknown.
 AMBIGUOUS_SQLSTATE = "40003"
@@ -94,16 +101,32 @@ def is_retryable(exc: BaseException) -> bool:
 
     See the table in :doc:`/retries`: serialization failures and deadlocks on
     every supported database, SQLite's busy and locked errors, and a connection
-    lost *before* COMMIT. A connection lost *during* COMMIT is not answered
-    here: ``atomic`` raises :class:`AmbiguousCommitError` for it.
+    lost *before* COMMIT, unless the read watchdog cut it (see :doc:`/retries`). A
+    connection lost *during* COMMIT is not answered here: ``atomic`` raises
+    :class:`AmbiguousCommitError` for it.
 
     :param exc: any exception; SQLAlchemy's wrappers and ``__cause__`` are followed.
+
+    .. versionchanged:: 0.2.0
+       False for a connection the read watchdog cut.
     """
     for error in _chain(exc):
         code = _driver_code(error)
         if code is not None and (code in _RETRIABLE_CODES or code.startswith(_RETRIABLE_SQLITE)):
             return True
-    return is_disconnect(exc)
+    return is_disconnect(exc) and not timed_out(exc)
+
+
+def timed_out(exc: BaseException) -> bool:
+    """True if a timeout flask-txn enforces ended the statement: the read watchdog
+    cut its connection, or it was cancelled (57014, its statement timeout).
+
+    Such an attempt is never re-run, whatever ``retry_on`` says: the same slow
+    statement would run out of time again, each time adding its load.
+    """
+    return sqlstate_of(exc) == QUERY_CANCELED or any(
+        getattr(error, WATCHDOG_MARK, False) is True for error in _chain(exc)
+    )
 
 
 def backoff(policy: RetryPolicy, retry: int, random: Callable[[], float]) -> float:
@@ -118,10 +141,11 @@ def backoff(policy: RetryPolicy, retry: int, random: Callable[[], float]) -> flo
 
 
 def should_retry(error: Exception, retry_on: RetryOn | None) -> bool:
-    """True if ``error`` is retryable, or one the block's ``retry_on`` names."""
+    """True if ``error`` is retryable, or one the block's ``retry_on`` names, unless
+    a timeout flask-txn enforces caused it (:func:`timed_out`)."""
     if is_retryable(error):
         return True
-    if retry_on is None:
+    if retry_on is None or timed_out(error):
         return False
     if isinstance(retry_on, type | tuple):
         return isinstance(error, retry_on)

@@ -1,4 +1,4 @@
-"""Bounding how long a request can wait on the database: the timeout keys and the read watchdog.
+"""Bounding how long a request can wait on the database: the timeout keys.
 
 Retrying bounds the number of attempts; these bound each attempt, so that a
 request whose database or network stopped answering fails (or is retried)
@@ -7,45 +7,31 @@ offers:
 
 - ``TXN_CONNECT_TIMEOUT``: libpq's ``connect_timeout``;
 - ``TXN_TCP_TIMEOUT``: libpq's ``keepalives*`` and ``tcp_user_timeout``;
-- ``TXN_STATEMENT_TIMEOUT``: ``statement_timeout``, sent when connecting;
-- ``TXN_READ_TIMEOUT``: the watchdog below;
+- ``TXN_STATEMENT_TIMEOUT``: ``SET LOCAL statement_timeout`` as each
+  transaction begins (:func:`set_per_transaction`), never a startup parameter,
+  which a pooler in transaction mode (PgBouncer) refuses or drops;
+- ``TXN_READ_TIMEOUT``: the watchdog of :mod:`flask_txn._watchdog`;
 - ``TXN_POOL_TIMEOUT``: the ``pool_timeout`` of a QueuePool, for any database.
 
 The first four apply to PostgreSQL through psycopg2 and psycopg only: for
 another database the first two do nothing, and setting the statement or read
 timeout is refused. The async engine gets the first three (through asyncpg,
-the connect and statement timeouts), not the watchdog.
-
-libpq has no read timeout: a server that stopped (or a network device that
-froze a connection while its TCP peer still answers) leaves a query waiting
-forever. The watchdog closes the socket under a statement, COMMIT, ROLLBACK or
-pre-ping that has had no reply for ``TXN_READ_TIMEOUT`` seconds; the driver
-then reports a lost connection, which ``atomic`` retries (before COMMIT) or
-raises as :class:`~flask_txn.AmbiguousCommitError` (during COMMIT).
+the connect timeout, and the statement timeout as its ``server_settings``), not
+the watchdog.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import heapq
-import itertools
-import logging
 import math
-import os
-import socket
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import pool
+from sqlalchemy import Connection, event, pool
 from sqlalchemy.engine import URL, Engine
 
 from ._errors import ConfigError
-
-log = logging.getLogger("flask_txn")
 
 #: Drivers whose connection parameters and sockets flask-txn knows (libpq's).
 LIBPQ_DRIVERS = ("psycopg2", "psycopg")
@@ -217,21 +203,14 @@ def connect_options(url: URL, timeouts: Timeouts, options: Mapping[str, Any]) ->
     or asyncpg's connect timeout and ``statement_timeout`` setting.
 
     A connection parameter in the user's ``connect_args`` or in the URL's query
-    wins over flask-txn's; a user's libpq ``options`` string is kept after
-    flask-txn's, so its ``-c`` settings win too, as do the user's asyncpg
-    ``server_settings``.
+    wins over flask-txn's, as do the user's asyncpg ``server_settings``. The
+    libpq drivers get no statement timeout here: see :func:`set_per_transaction`.
     """
     merged = dict(options)
     given = dict(merged.get("connect_args", {}))
     if uses_libpq(url):
-        ours = _libpq_parameters(timeouts)
-        if "options" in ours:
-            theirs = given.get("options", url.query.get("options"))
-            if isinstance(theirs, str) and theirs.strip():
-                ours["options"] = f"{ours['options']} {theirs}"
-            given.pop("options", None)
-        for key, value in ours.items():
-            if key == "options" or (key not in given and key not in url.query):
+        for key, value in _libpq_parameters(timeouts).items():
+            if key not in given and key not in url.query:
                 given[key] = value
     elif url.get_backend_name() == "postgresql" and url.get_driver_name() == "asyncpg":
         if timeouts.connect is not None:
@@ -262,146 +241,28 @@ def _libpq_parameters(timeouts: Timeouts) -> dict[str, Any]:
             keepalives_count=_KEEPALIVE_COUNT,
             tcp_user_timeout=milliseconds(timeouts.tcp),
         )
-    if timeouts.statement is not None:
-        # A validated number, so the string is never user text.
-        parameters["options"] = f"-c statement_timeout={milliseconds(timeouts.statement)}"
     return parameters
 
 
-# -- the read watchdog ------------------------------------------------------------------
+def set_per_transaction(engine: Engine, seconds: float | None) -> None:
+    """Make each transaction of a libpq engine begin with ``SET LOCAL statement_timeout``.
 
-#: Dialect methods that wait for the server, and what each is waiting for. The
-#: first ones take a cursor, the others a DBAPI connection.
-_CURSOR_METHODS = {
-    "do_execute": "a statement",
-    "do_executemany": "a statement",
-    "do_execute_no_params": "a statement",
-}
-_CONNECTION_METHODS = {"do_commit": "COMMIT", "do_rollback": "ROLLBACK", "do_ping": "the pre-ping"}
+    Sent per transaction rather than when connecting, it reaches the server
+    connection that runs the transaction even through a pooler in transaction
+    mode, and ends with it. A block's own ``statement_timeout`` is set after it,
+    so it wins. A connection in AUTOCOMMIT has no transaction to set it in: its
+    statements run under the server's (or role's) ``statement_timeout``.
 
-
-class _Watchdog:
-    """One thread per process that shuts the sockets of operations past their deadline."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        #: token -> (socket's file descriptor, seconds allowed, what runs)
-        self._armed: dict[int, tuple[int, float, str]] = {}
-        #: (deadline, token), including tokens already disarmed
-        self._heap: list[tuple[float, int]] = []
-        self._tokens = itertools.count()
-        self._thread: threading.Thread | None = None
-        self.fired = 0
-
-    def arm(self, fd: int, seconds: float, what: str) -> int:
-        """Watch the socket ``fd`` for ``seconds``; return the token to disarm it with."""
-        deadline = time.monotonic() + seconds
-        with self._lock:
-            token = next(self._tokens)
-            self._armed[token] = (fd, seconds, what)
-            if len(self._heap) > 2 * len(self._armed) + 1024:
-                # Disarmed entries are dropped lazily: keep the heap from growing.
-                self._heap = [entry for entry in self._heap if entry[1] in self._armed]
-                heapq.heapify(self._heap)
-            heapq.heappush(self._heap, (deadline, token))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="flask-txn-read-watchdog", daemon=True
-                )
-                self._thread.start()
-            elif self._heap[0][1] == token:
-                self._wake.notify()
-        return token
-
-    def disarm(self, token: int) -> None:
-        """The operation ended: stop watching it."""
-        with self._lock:
-            # Absent if the watchdog fired on it meanwhile.
-            self._armed.pop(token, None)
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                self._fire_next()
-
-    def _fire_next(self) -> None:
-        """Wait (holding the lock between waits) until some operation is overdue; break it."""
-        while True:
-            while self._heap and self._heap[0][1] not in self._armed:
-                heapq.heappop(self._heap)
-            if not self._heap:
-                self._wake.wait()
-                continue
-            deadline, token = self._heap[0]
-            delay = deadline - time.monotonic()
-            if delay > 0:
-                self._wake.wait(delay)
-                continue
-            heapq.heappop(self._heap)
-            fd, seconds, what = self._armed.pop(token)
-            # Logged before the socket is shut, so that the line comes before the
-            # error it explains (a caller reading the log after the error sees it).
-            log.warning(
-                "No reply from the database for %g s during %s ('TXN_READ_TIMEOUT'):"
-                " closed the connection, so that the request fails or is retried"
-                " instead of hanging.",
-                seconds,
-                what,
-            )
-            # Still under the lock: the operation has not returned (it would have
-            # disarmed first), so the descriptor is still its connection's socket.
-            _shut(fd)
-            self.fired += 1
-            return
-
-
-def _shut(fd: int) -> None:
-    """Shut a socket down in both directions: a read blocked on it returns at once."""
-    with contextlib.suppress(OSError), socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as s:
-        # fromfd works on a duplicate descriptor; shutting that down shuts the socket.
-        s.shutdown(socket.SHUT_RDWR)
-
-
-watchdog = _Watchdog()
-
-
-def _new_watchdog_after_fork() -> None:
-    """A forked child has no watchdog thread, and the parent's lock may be held."""
-    global watchdog
-    watchdog = _Watchdog()
-
-
-os.register_at_fork(after_in_child=_new_watchdog_after_fork)
-
-
-def _guard(original: Callable[..., Any], seconds: float, what: str, cursor: bool) -> Any:
-    @functools.wraps(original)
-    def guarded(first: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            fd = (first.connection if cursor else first).fileno()
-        except Exception:
-            # No socket (a closed connection): the call itself reports that.
-            return original(first, *args, **kwargs)
-        current = watchdog
-        token = current.arm(fd, seconds, what)
-        try:
-            return original(first, *args, **kwargs)
-        finally:
-            current.disarm(token)
-
-    return guarded
-
-
-def watch(engine: Engine, seconds: float | None) -> None:
-    """Put every wait of the engine's dialect for the server under the read watchdog.
-
-    :param engine: an engine flask-txn made; its dialect object is its own.
-    :param seconds: ``TXN_READ_TIMEOUT`` in force, or None to leave the engine alone.
+    :param engine: an engine flask-txn made (the sync engine of an async one).
+    :param seconds: the statement timeout in force, or None to send nothing.
     """
-    dialect = engine.dialect
-    if seconds is None or dialect.driver not in LIBPQ_DRIVERS or dialect.is_async:
+    if seconds is None or not uses_libpq(engine.url):
         return
-    for methods, cursor in ((_CURSOR_METHODS, True), (_CONNECTION_METHODS, False)):
-        for name, what in methods.items():
-            setattr(dialect, name, _guard(getattr(dialect, name), seconds, what, cursor))
+    # A validated number, so the statement is never user text.
+    statement = f"SET LOCAL statement_timeout = {milliseconds(seconds)}"
+
+    def begin(connection: Connection) -> None:
+        if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            connection.exec_driver_sql(statement)
+
+    event.listen(engine, "begin", begin)

@@ -29,7 +29,7 @@ from examples.bank.app import create_app
 from examples.bank.models import txn
 from flask_txn import (
     AmbiguousCommitError,
-    _timeouts,
+    _watchdog,
     is_retryable,
     register_error_handlers,
     sqlstate_of,
@@ -68,7 +68,7 @@ class Probe:
         self.committed = 0
         self.retried: collections.Counter[str] = collections.Counter()
         self.failed: collections.Counter[str] = collections.Counter()
-        self._fired_before = _timeouts.watchdog.fired
+        self._fired_before = _watchdog.watchdog.fired
         transaction_committed.connect(self._committed, sender=app)
         transaction_retrying.connect(self._retrying, sender=app)
         transaction_rolled_back.connect(self._rolled_back, sender=app)
@@ -94,7 +94,7 @@ class Probe:
                 "committed": self.committed,
                 "retried": dict(self.retried),
                 "failed": dict(self.failed),
-                "watchdog_fired": _timeouts.watchdog.fired - self._fired_before,
+                "watchdog_fired": _watchdog.watchdog.fired - self._fired_before,
             }
 
 

@@ -234,15 +234,6 @@ CASES = [
         {"TXN_RETRY_DEADLINE": 5, **_pool(2 * CORES + 1)},
         set(),
     ),
-    Case(
-        "statement-timeout-lost",
-        "postgresql",
-        {
-            "TXN_RETRY_DEADLINE": 5,
-            "TXN_ENGINE_OPTIONS": {"connect_args": {"options": "-c statement_timeout=0"}},
-        },
-        {"statement-timeout-lost"},
-    ),
     Case("sqlite-defaults", "sqlite", {}, {"sqlite-journal"}),
     Case("sqlite-wal", "sqlite", {}, set(), wal=True),
     Case(
@@ -324,36 +315,27 @@ def test_pgbouncer_is_seen(run_check: Check, postgresql_url: str) -> None:
     )
 
 
-def test_pgbouncer_refusing_the_statement_timeout_fails(
+def test_pgbouncer_gets_the_statement_timeout_per_transaction(
     run_check: Check, postgresql_url: str
 ) -> None:
-    """PgBouncer refuses libpq's 'options', which carries the statement timeout: exit status 1,
-    and the problem says why and what to set instead."""
+    """Through PgBouncer, 'TXN_RETRY_DEADLINE' sends no startup parameter: the check passes."""
     with pgbouncer.running(sa.make_url(postgresql_url)) as url:
-        result = run_check(url.render_as_string(hide_password=False), TXN_RETRY_DEADLINE=5)
+        result = run_check(
+            url.render_as_string(hide_password=False), "--json", TXN_RETRY_DEADLINE=5
+        )
+    assert (result.exit_code, _report(result)["warnings"]) == (0, []), result.output
+
+
+def test_pgbouncer_refusing_the_users_options_fails(run_check: Check, postgresql_url: str) -> None:
+    """PgBouncer refuses libpq's 'options' of the user's own: exit status 1, and the problem
+    says where it comes from and what to set instead."""
+    with pgbouncer.running(sa.make_url(postgresql_url)) as url:
+        result = run_check(
+            url.render_as_string(hide_password=False),
+            TXN_ENGINE_OPTIONS={"connect_args": {"options": "-c lock_timeout=1000"}},
+        )
     assert result.exit_code == 1
     assert "FATAL: unsupported startup parameter: options. A pooler (PgBouncer) refused" in (
         result.stderr
     )
-    assert "Set 'TXN_STATEMENT_TIMEOUT' to 0 and set statement_timeout on the database role." in (
-        result.stderr
-    )
-
-
-def test_pgbouncer_dropping_the_statement_timeout_is_a_warning(
-    run_check: Check, postgresql_url: str
-) -> None:
-    """PgBouncer told to ignore 'options' connects, without the statement timeout: a warning."""
-    server = sa.make_url(postgresql_url)
-    with pgbouncer.running(server, ignore_startup_parameters="options") as url:
-        result = run_check(
-            url.render_as_string(hide_password=False), "--json", TXN_RETRY_DEADLINE=5
-        )
-    assert result.exit_code == 0, result.output
-    (warning,) = _report(result)["warnings"]
-    assert warning["id"] == "statement-timeout-lost"
-    assert (
-        "sends statement_timeout=5000 ms in libpq's 'options' (from 'TXN_RETRY_DEADLINE'),"
-        in (warning["message"])
-    )
-    assert "but the server reports 0 ms" in warning["message"]
+    assert "so it is in your 'options' (URL or 'connect_args'). Remove it" in result.stderr

@@ -1018,7 +1018,8 @@ def driver_url(request: pytest.FixtureRequest, postgresql_url: str) -> str:
 
 
 def test_timeouts_become_libpq_parameters(driver_url: str) -> None:
-    """Connect, TCP and statement timeouts reach libpq; the statement timeout is in force."""
+    """Connect and TCP timeouts reach libpq; the statement timeout is in force in each
+    transaction, and is no startup parameter."""
     app, ext = plain_app(
         driver_url, TXN_RETRY_DEADLINE=2.5, TXN_CONNECT_TIMEOUT=3.5, TXN_TCP_TIMEOUT=12
     )
@@ -1031,7 +1032,7 @@ def test_timeouts_become_libpq_parameters(driver_url: str) -> None:
         with app.app_context():
             ext.engine.dispose()
     shown = {
-        key: parameters.get(key)
+        key: parameters.get(key) or None  # psycopg2 shows an unset 'options' as ""
         for key in (
             "connect_timeout",
             "keepalives",
@@ -1050,7 +1051,7 @@ def test_timeouts_become_libpq_parameters(driver_url: str) -> None:
             "keepalives_interval": "2",
             "keepalives_count": "3",
             "tcp_user_timeout": "12000",
-            "options": "-c statement_timeout=2500",
+            "options": None,
         },
         "2500ms",
         2.5,
@@ -1058,7 +1059,8 @@ def test_timeouts_become_libpq_parameters(driver_url: str) -> None:
 
 
 def test_the_users_connection_parameters_win(postgresql_url: str) -> None:
-    """connect_args and the URL's query override flask-txn's; a user's options follow its own."""
+    """connect_args and the URL's query override flask-txn's libpq parameters; the user's
+    options reach libpq, and TXN_STATEMENT_TIMEOUT, set in each transaction, wins over them."""
     url = sa.make_url(postgresql_url).update_query_dict({"connect_timeout": "7"})
     app, ext = plain_app(
         url.render_as_string(False),
@@ -1082,7 +1084,20 @@ def test_the_users_connection_parameters_win(postgresql_url: str) -> None:
         parameters["options"],
         in_force,
         pool_timeout,
-    ) == ("7", "99", "-c statement_timeout=5000 -c statement_timeout=4000", "4s", 9)
+    ) == ("7", "99", "-c statement_timeout=4000", "5s", 9)
+
+
+def test_autocommit_connections_get_no_statement_timeout(postgresql_url: str) -> None:
+    """A connection in AUTOCOMMIT has no transaction to set the timeout in: the server's stays."""
+    app, ext = plain_app(postgresql_url, TXN_STATEMENT_TIMEOUT=5)
+    with app.app_context():
+        engine = ext.engine
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            in_force = connection.exec_driver_sql("SHOW statement_timeout").scalar()
+    finally:
+        engine.dispose()
+    assert in_force == "0"
 
 
 def test_no_deadline_sets_no_statement_or_read_timeout(postgresql_url: str) -> None:
@@ -1186,6 +1201,44 @@ def test_read_timeout_ends_a_statement_with_no_reply(
         ext.engine.dispose()
     assert (raised.value.connection_invalidated, elapsed < 3, checked_out) == (True, True, 0)
     assert "No reply from the database for 0.3 s during a statement" in caplog.text
+
+
+def test_a_statement_the_watchdog_cut_is_not_retried(postgresql_url: str) -> None:
+    """A decorated block whose statement outlived TXN_READ_TIMEOUT runs once, not once per retry."""
+    from flask_txn import atomic
+
+    app, ext = plain_app(postgresql_url, TXN_READ_TIMEOUT=0.3, TXN_RETRIES=3)
+    calls = []
+
+    @atomic(wait_initial=0)
+    def slow() -> None:
+        calls.append(1)
+        ext.session.execute(sa.text("SELECT pg_sleep(5)"))
+
+    with app.app_context(), pytest.raises(sa.exc.OperationalError) as raised:
+        slow()
+    with app.app_context():
+        ext.engine.dispose()
+    assert (calls, raised.value.connection_invalidated) == ([1], True)
+
+
+def test_a_statement_timeout_is_not_retried_even_by_retry_on(driver_url: str) -> None:
+    """TXN_STATEMENT_TIMEOUT cancels a slow statement (57014) once, though retry_on names it."""
+    from flask_txn import atomic, sqlstate_of
+
+    app, ext = plain_app(driver_url, TXN_STATEMENT_TIMEOUT=0.2, TXN_RETRIES=3)
+    calls = []
+
+    @atomic(wait_initial=0, retry_on=sa.exc.OperationalError)
+    def slow() -> None:
+        calls.append(1)
+        ext.session.execute(sa.text("SELECT pg_sleep(5)"))
+
+    with app.app_context(), pytest.raises(sa.exc.OperationalError) as raised:
+        slow()
+    with app.app_context():
+        ext.engine.dispose()
+    assert (calls, sqlstate_of(raised.value)) == ([1], "57014")
 
 
 def test_read_timeout_during_commit_is_an_ambiguous_commit(postgresql_url: str) -> None:
