@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
+from examples.bank import load
 from flask_txn import FlaskTxn, atomic, sqlstate_of
 
 from . import pgbouncer
@@ -218,3 +219,35 @@ def test_psycopg3_prepares_nothing_unless_asked(postgresql_url: str) -> None:
         with app.app_context():
             txn.engine.dispose()
     assert seen == [None, 5]
+
+
+@pytest.fixture
+def bank_database(postgresql_url: str) -> Iterator[sa.URL]:
+    """A database of its own on the tests' server, for the bank's load run: no other
+    test's accounts, ledger or idempotency keys."""
+    server = sa.create_engine(postgresql_url, isolation_level="AUTOCOMMIT")
+    with server.connect() as connection:
+        connection.exec_driver_sql("DROP DATABASE IF EXISTS flask_txn_bank_pgbouncer")
+        connection.exec_driver_sql("CREATE DATABASE flask_txn_bank_pgbouncer")
+    try:
+        yield sa.make_url(postgresql_url).set(database="flask_txn_bank_pgbouncer")
+    finally:
+        with server.connect() as connection:
+            connection.exec_driver_sql("DROP DATABASE flask_txn_bank_pgbouncer WITH (FORCE)")
+        server.dispose()
+
+
+@pytest.mark.parametrize("endpoint", ["/transfers", "/transfers/locked"])
+def test_the_bank_load_reconciles_through_pgbouncer(
+    bank_database: sa.URL, driver: str, endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """examples/bank/load.py, 8 clients and copies of keys, against the bank through
+    PgBouncer in transaction mode: every check of the script passes (the balances
+    reconcile with the ledger, the total never changes, no key applied twice)."""
+    with pgbouncer.running(bank_database) as url:
+        database = url.set(drivername=f"postgresql+{driver}").render_as_string(False)
+        argv = ["--database", database, "--requests", "200", "--threads", "8"]
+        status = load.main([*argv, "--endpoint", endpoint, "--seed", "3"])
+    output = capsys.readouterr().out
+    assert status == 0, output
+    assert "FAILED" not in output
