@@ -46,13 +46,20 @@ def check_command(as_json: bool, strict: bool) -> None:
 
 
 @cli.command("purge-idempotency-keys")
-def purge_command() -> None:
-    """Delete the expired idempotency keys, in one transaction; print how many.
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Keys deleted per transaction.",
+)
+def purge_command(batch_size: int) -> None:
+    """Delete the expired idempotency keys, a batch per transaction; print how many.
 
     Run it from a scheduled job (cron, a Kubernetes CronJob) as often as the keys
     should not pile up: once an hour is plenty for the default 24-hour expiry.
     """
-    deleted = purge_idempotency_keys()
+    deleted = purge_idempotency_keys(batch_size=batch_size)
     click.echo(f"deleted {deleted} expired idempotency key{'' if deleted == 1 else 's'}")
 
 

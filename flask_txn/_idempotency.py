@@ -281,17 +281,37 @@ def _refuse(status: int, reason: str, message: str, *, retry_after: int | None =
     return error_response(status, {"error": message, "reason": reason}, retry_after)
 
 
-def purge_idempotency_keys() -> int:
-    """Delete the expired keys of the current app's database, in a transaction of its
-    own; return how many. Run it from a scheduled job, or run
-    ``flask txn purge-idempotency-keys``.
+def purge_idempotency_keys(*, batch_size: int = 1000) -> int:
+    """Delete the expired keys of the current app's database; return how many.
+
+    They are deleted ``batch_size`` at a time, each batch in a transaction of its
+    own, so that a large purge never holds many row locks, or one long
+    transaction, while requests store new keys. Run it from a scheduled job, or
+    run ``flask txn purge-idempotency-keys``.
+
+    :param batch_size: keys deleted per transaction, a whole number >= 1.
 
     .. versionadded:: 0.2.0
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(
+            f"'batch_size' must be a whole number >= 1 (keys deleted per transaction), got"
+            f" {batch_size!r}. The default is 1000."
+        )
     engine = app_state(user="'purge_idempotency_keys' was used").engine
     now = datetime.datetime.now(datetime.UTC)
-    with engine.begin() as connection:
-        deleted = connection.execute(
-            sa.delete(idempotency_keys).where(idempotency_keys.c.expires_at <= now)
-        )
-    return int(deleted.rowcount)
+    expired = (
+        sa.select(idempotency_keys.c.scope, idempotency_keys.c.key)
+        .where(idempotency_keys.c.expires_at <= now)
+        .limit(batch_size)
+    )
+    batch = sa.delete(idempotency_keys).where(
+        sa.tuple_(idempotency_keys.c.scope, idempotency_keys.c.key).in_(expired)
+    )
+    total = 0
+    while True:
+        with engine.begin() as connection:
+            deleted = int(connection.execute(batch).rowcount)
+        total += deleted
+        if deleted < batch_size:
+            return total

@@ -597,6 +597,12 @@ TABLE = [
         "the request",
         "test_idempotency.py::test_a_scope_that_would_not_match_again_is_refused",
     ),
+    Row(
+        "purge-batch-size",
+        ConfigError,
+        "purge_idempotency_keys()",
+        "test_idempotency.py::test_a_bad_batch_size_is_refused",
+    ),
     # -- error responses and the testing plugin
     Row(
         "error-handlers-retry-after",

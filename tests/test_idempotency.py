@@ -417,6 +417,42 @@ def test_the_purge_command_deletes_expired_keys(shop: Any) -> None:
         assert txn.session.scalars(sa.select(idempotency_keys.c.key)).all() == ["new"]
 
 
+def test_the_purge_deletes_in_batches(shop: Any) -> None:
+    """Five expired keys, batches of two: three transactions delete all five, and the
+    key that has not expired stays."""
+    app, txn, _ = shop
+    for number in range(6):
+        post(app, f"k{number}")
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
+    with app.app_context(), atomic():
+        txn.session.execute(
+            sa.update(idempotency_keys)
+            .where(idempotency_keys.c.key != "k5")
+            .values(expires_at=past)
+        )
+    commits: list[int] = []
+    with app.app_context():
+        sa.event.listen(txn.engine, "commit", lambda _: commits.append(1))
+        assert purge_idempotency_keys(batch_size=2) == 5
+        assert txn.session.scalars(sa.select(idempotency_keys.c.key)).all() == ["k5"]
+    assert len(commits) == 3
+    result = app.test_cli_runner().invoke(
+        args=["txn", "purge-idempotency-keys", "--batch-size", "0"]
+    )
+    assert result.exit_code == 2
+    assert "Invalid value for '--batch-size'" in result.output
+
+
+@pytest.mark.parametrize("batch_size", [0, 2.5, True])
+def test_a_bad_batch_size_is_refused(shop: Any, batch_size: object) -> None:
+    """purge_idempotency_keys(batch_size=...) names the argument, the value and the rule."""
+    app, _txn, _ = shop
+    with app.app_context(), pytest.raises(ConfigError) as raised:
+        purge_idempotency_keys(batch_size=batch_size)  # type: ignore[arg-type]
+    assert "'batch_size' must be a whole number >= 1" in str(raised.value)
+    assert f"got {batch_size!r}" in str(raised.value)
+
+
 @pytest.mark.postgresql_only
 def test_a_copy_whose_snapshot_predates_the_first_commit_gets_its_answer(
     make_app: Any, postgresql_url: str
