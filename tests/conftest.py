@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from collections import Counter
@@ -24,6 +25,16 @@ from flask_txn import FlaskTxn, _transaction
 from . import pgserver
 
 POSTGRESQL_ENV = "FLASK_TXN_TEST_POSTGRESQL"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run ended by SIGTERM (``timeout``, a CI limit) stops like one ended by Ctrl-C:
+    pytest then tears its fixtures down, and the servers they started stop too."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 class Base(DeclarativeBase):
