@@ -16,6 +16,7 @@ The rules, per request that carries the header (``Idempotency-Key`` by default):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -34,9 +35,9 @@ from werkzeug.wrappers import Response
 from ._config import check_flag
 from ._errorhandlers import error_response
 from ._errors import ConfigError, UsageError
-from ._locking import try_advisory_lock
+from ._locking import advisory_lock_key, xact_lock
 from ._state import app_state
-from ._transaction import current
+from ._transaction import Attempt, current
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -100,25 +101,66 @@ def idempotent(func: Callable[P, R] | None = None, /, *, required: bool = True) 
     check_flag("required", required)
     if func is None:
         return functools.partial(idempotent, required=required)
-    if inspect.iscoroutinefunction(func) or isinstance(func, type):
+    if isinstance(func, type):
         raise UsageError(
-            f"'@idempotent' takes a plain view function, got {func!r}. Async views and"
-            " classes are not supported: decorate a sync function (or a method of a"
-            " MethodView)."
+            f"'@idempotent' takes a view function, got the class {func!r}. Decorate its"
+            " methods (of a MethodView) instead."
         )
+    view: Callable[..., Any] = func
 
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-        return _answer(func, args, kwargs, required=required)
+    if inspect.iscoroutinefunction(view):
+
+        @functools.wraps(view)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            prepared = _prepare(view, required=required)
+            if not isinstance(prepared, _Request):
+                return await view(*args, **kwargs) if prepared is None else prepared
+            claimed = await prepared.attempt.run_sync(_claim_key, prepared)
+            if isinstance(claimed, Response):
+                return claimed
+            rv = await view(*args, **kwargs)
+            await prepared.attempt.run_sync(_store, prepared, claimed, rv)
+            return rv
+
+        return async_wrapper
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        prepared = _prepare(view, required=required)
+        if not isinstance(prepared, _Request):
+            return view(*args, **kwargs) if prepared is None else prepared
+        claimed = _claim_key(prepared)
+        if isinstance(claimed, Response):
+            return claimed
+        rv = view(*args, **kwargs)
+        _store(prepared, claimed, rv)
+        return rv
 
     return wrapper
 
 
-def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool) -> Any:
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """What ``@idempotent`` knows of the request before the view runs."""
+
+    view: Callable[..., Any]
+    attempt: Attempt
+    dialect: str
+    header: str
+    scope: str
+    key: str
+    fingerprint: str
+    now: datetime.datetime
+    ttl: float
+
+
+def _prepare(view: Callable[..., Any], *, required: bool) -> _Request | Response | None:
+    """The checks that need no database: a refusal, None to run the view as usual
+    (no key, and none required), or the request to claim its key for."""
     attempt = current()
     if attempt is None or not has_request_context():
         raise UsageError(
-            f"'@idempotent' on {func.__qualname__!r} ran outside an atomic block in a request:"
+            f"'@idempotent' on {view.__qualname__!r} ran outside an atomic block in a request:"
             " the key and the response must be stored in the view's own transaction. Put"
             " '@idempotent' right below '@atomic', and '@atomic' below the route decorator."
         )
@@ -126,7 +168,7 @@ def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool)
     header = settings.idempotency_header
     key = _unquoted(request.headers.get(header))
     if key is None and not required:
-        return func(*args, **kwargs)
+        return None
     if key is None or not (1 <= len(key) <= MAX_KEY_LENGTH and key.isascii() and key.isprintable()):
         return _refuse(
             400,
@@ -137,62 +179,78 @@ def _answer(func: Callable[..., Any], args: Any, kwargs: Any, *, required: bool)
             + " Send a new value (a UUID) for each operation, and the same value when you"
             " send it again.",
         )
-    session = attempt.session
-    dialect = session.get_bind().dialect.name
+    dialect = attempt.session.get_bind().dialect.name
     if dialect not in _DIALECTS:
         raise UsageError(
             f"'@idempotent' supports {' and '.join(_DIALECTS)}; the database is {dialect!r}."
             " Remove '@idempotent' from the view, or store its keys on a supported database."
         )
     scope = "" if settings.idempotency_scope is None else _scope(settings.idempotency_scope())
+    return _Request(
+        view=view,
+        attempt=attempt,
+        dialect=dialect,
+        header=header,
+        scope=scope,
+        key=key,
+        fingerprint=_fingerprint(),
+        now=datetime.datetime.now(datetime.UTC),
+        ttl=settings.idempotency_ttl,
+    )
+
+
+def _claim_key(req: _Request) -> Any:
+    """In the view's transaction, before the view: the stored response or a refusal,
+    or a condition that finds the key's newly claimed row."""
+    session = req.attempt.session
     # The scope's length makes the lock's name unambiguous: scope "a:b" with key
     # "c" and scope "a" with key "b:c" are different keys, and must not exclude
     # each other.
-    lock = f"flask-txn-idempotency:{len(scope)}:{scope}:{key}"
-    if dialect == "postgresql" and not try_advisory_lock(lock):
+    lock = advisory_lock_key(f"flask-txn-idempotency:{len(req.scope)}:{req.scope}:{req.key}")
+    if req.dialect == "postgresql" and not session.scalar(xact_lock(lock, wait=False)):
         return _refuse(
             409,
             "idempotency-key-in-flight",
-            f"A request with the {header!r} {key!r} is still being handled. Send it again"
-            " in 1 s to get its answer.",
+            f"A request with the {req.header!r} {req.key!r} is still being handled. Send it"
+            " again in 1 s to get its answer.",
             retry_after=1,
         )
-    now = datetime.datetime.now(datetime.UTC)
-    fingerprint = _fingerprint()
     claim = {
-        "scope": scope,
-        "key": key,
-        "fingerprint": fingerprint,
+        "scope": req.scope,
+        "key": req.key,
+        "fingerprint": req.fingerprint,
         "status": 0,  # the response's, once the view has answered
         "headers": [],
         "body": b"",
-        "created_at": now,
-        "expires_at": now + datetime.timedelta(seconds=settings.idempotency_ttl),
+        "created_at": req.now,
+        "expires_at": req.now + datetime.timedelta(seconds=req.ttl),
     }
-    this_key = (idempotency_keys.c.scope == scope) & (idempotency_keys.c.key == key)
-    claimed = _claim(session, dialect, claim)
-    if claimed is None:  # the key was stored before
-        stored = session.execute(sa.select(idempotency_keys).where(this_key)).one()
-        if _aware(stored.expires_at) > now:
-            return _replay(attempt, stored, fingerprint, header, key)
-        session.execute(sa.update(idempotency_keys).where(this_key).values(**claim))
-        claimed = this_key
-    rv = func(*args, **kwargs)
+    this_key = (idempotency_keys.c.scope == req.scope) & (idempotency_keys.c.key == req.key)
+    claimed = _claim(session, req.dialect, claim)
+    if claimed is not None:
+        return claimed
+    # The key was stored before.
+    stored = session.execute(sa.select(idempotency_keys).where(this_key)).one()
+    if _aware(stored.expires_at) > req.now:
+        return _replay(req, stored)
+    session.execute(sa.update(idempotency_keys).where(this_key).values(**claim))
+    return this_key
+
+
+def _store(req: _Request, claimed: Any, rv: Any) -> None:
+    """After the view: its response, written into the key's claimed row."""
     response = current_app.make_response(rv)
     if response.is_streamed:
         raise UsageError(
-            f"'@idempotent' on {func.__qualname__!r} cannot store a streamed response: a"
+            f"'@idempotent' on {req.view.__qualname__!r} cannot store a streamed response: a"
             " replay must return the same body. Return the whole body instead."
         )
     stored_headers = [[n, v] for n, v in response.headers.items() if n.lower() not in _NOT_STORED]
-    session.execute(
+    req.attempt.session.execute(
         sa.update(idempotency_keys)
         .where(claimed)
         .values(status=response.status_code, headers=stored_headers, body=response.get_data())
     )
-    # The view's own return value, not the response made from it: a callable
-    # TXN_ROLLBACK_ON_STATUS is documented to judge what the view returned.
-    return rv
 
 
 def _claim(session: Session, dialect: str, claim: dict[str, Any]) -> Any:
@@ -216,17 +274,17 @@ def _claim(session: Session, dialect: str, claim: dict[str, Any]) -> Any:
     return (idempotency_keys.c.scope == claim["scope"]) & (idempotency_keys.c.key == claim["key"])
 
 
-def _replay(attempt: Any, stored: Any, fingerprint: str, header: str, key: str) -> Response:
-    """The stored response of ``key``, or 422 if it answered another request."""
-    if stored.fingerprint != fingerprint:
+def _replay(req: _Request, stored: Any) -> Response:
+    """The stored response of the key, or 422 if it answered another request."""
+    if stored.fingerprint != req.fingerprint:
         return _refuse(
             422,
             "idempotency-key-reused",
-            f"The {header!r} {key!r} was already used for another request (another method,"
-            " path or body). Use a new key for a new operation.",
+            f"The {req.header!r} {req.key!r} was already used for another request (another"
+            " method, path or body). Use a new key for a new operation.",
         )
-    attempt.replayed = True
-    log.info("Replayed the stored response of %s %r for %r.", header, key, request.endpoint)
+    req.attempt.replayed = True
+    log.info("Replayed the stored response of %s %r for %r.", req.header, req.key, request.endpoint)
     replay = Response(stored.body, stored.status, [tuple(pair) for pair in stored.headers])
     replay.headers["Idempotent-Replayed"] = "true"
     return replay

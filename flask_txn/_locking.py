@@ -311,12 +311,17 @@ def _advisory(name: str, key: str | int, *, shared: bool, wait: bool) -> bool:
             " On SQLite a writer already excludes every other writer: start the block"
             " with a write, or use lock_rows() and @atomic's retries."
         )
+    result = session.scalar(xact_lock(number, shared=shared, wait=wait))
+    # pg_advisory_xact_lock returns void (None); the try variants a boolean.
+    return True if wait else bool(result)
+
+
+def xact_lock(number: int, *, shared: bool = False, wait: bool = True) -> sa.Select[Any]:
+    """The statement that takes PostgreSQL's transaction-level advisory lock ``number``."""
     function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
     if shared:
         function += "_shared"
     # The cast picks the one-bigint form, not the (int, int) pair, whatever
     # integer type the driver sends.
     argument = sa.cast(sa.bindparam("key", number), sa.BigInteger)
-    result = session.scalar(sa.select(getattr(sa.func, function)(argument)))
-    # pg_advisory_xact_lock returns void (None); the try variants a boolean.
-    return True if wait else bool(result)
+    return sa.select(getattr(sa.func, function)(argument))

@@ -580,10 +580,10 @@ TABLE = [
         "test_idempotency.py::test_wrong_placement_is_refused",
     ),
     Row(
-        "idempotent-async-or-class",
+        "idempotent-class",
         UsageError,
         "@idempotent",
-        "test_idempotency.py::test_async_views_and_classes_are_refused",
+        "test_idempotency.py::test_a_class_is_refused",
     ),
     Row(
         "idempotent-streamed",

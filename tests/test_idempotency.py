@@ -31,6 +31,7 @@ from flask_txn import (
 )
 
 from .conftest import Attempts, Item
+from .test_async import async_app  # noqa: F401 (a fixture)
 
 TIMEOUT = 30
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -301,15 +302,46 @@ def test_wrong_placement_is_refused(shop: Any) -> None:
         app.test_client().post("/above", headers={"Idempotency-Key": "k"})
 
 
-def test_async_views_and_classes_are_refused() -> None:
-    """What @idempotent cannot serve is refused when it is applied."""
+def test_a_class_is_refused() -> None:
+    """A class cannot be a view's transaction: refused when decorated, pointing to its
+    methods."""
+    with pytest.raises(UsageError, match=r"got the class .* Decorate its methods"):
+        idempotent(type("View", (), {}))
 
-    async def view() -> str:
-        return "ok"
 
-    for target in (view, type("View", (), {})):
-        with pytest.raises(UsageError, match="Async views and classes are not supported"):
-            idempotent(target)
+@pytest.mark.postgresql_only
+def test_async_views_are_answered_once(async_app: Any) -> None:  # noqa: F811
+    """An async view: the repeat gets the stored response, another body 422, and the
+    view runs once (psycopg 3 and asyncpg)."""
+    app, txn = async_app
+    runs: list[int] = []
+    with app.app_context():
+        idempotency_keys.drop(txn.engine, checkfirst=True)
+        idempotency_keys.create(txn.engine)
+
+    @app.post("/items")
+    @atomic
+    @idempotent
+    async def add() -> Any:
+        runs.append(1)
+        txn.async_session.add(Item(id=10 + len(runs), name="async"))
+        return {"run": len(runs)}, 201
+
+    try:
+        headers = {"Idempotency-Key": "ak"}
+        client = app.test_client()
+        first = client.post("/items", json={"n": 1}, headers=headers)
+        again = client.post("/items", json={"n": 1}, headers=headers)
+        other = client.post("/items", json={"n": 2}, headers=headers)
+        assert (first.status_code, again.json, again.headers["Idempotent-Replayed"]) == (
+            201,
+            {"run": 1},
+            "true",
+        )
+        assert (other.status_code, len(runs), count(app, txn, Item.__table__)) == (422, 1, 3)
+    finally:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
 
 
 def test_a_streamed_response_is_refused(shop: Any) -> None:
