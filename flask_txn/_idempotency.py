@@ -21,7 +21,6 @@ import datetime
 import functools
 import hashlib
 import inspect
-import io
 import logging
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, overload
@@ -38,6 +37,7 @@ from ._errors import ConfigError, UsageError
 from ._locking import advisory_lock_key, xact_lock
 from ._state import app_state
 from ._transaction import Attempt, current
+from ._view import rewind_request_body
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -226,7 +226,7 @@ def _claim_key(req: _Request) -> Any:
         "expires_at": req.now + datetime.timedelta(seconds=req.ttl),
     }
     this_key = (idempotency_keys.c.scope == req.scope) & (idempotency_keys.c.key == req.key)
-    claimed = _claim(session, req.dialect, claim)
+    claimed = _claim(session, req.dialect, claim, this_key)
     if claimed is not None:
         return claimed
     # The key was stored before.
@@ -253,9 +253,9 @@ def _store(req: _Request, claimed: Any, rv: Any) -> None:
     )
 
 
-def _claim(session: Session, dialect: str, claim: dict[str, Any]) -> Any:
+def _claim(session: Session, dialect: str, claim: dict[str, Any], this_key: Any) -> Any:
     """Insert the key's row, unless the key is stored: a condition that finds the row
-    again, or None if the key was there.
+    again (``this_key``, or on PostgreSQL its ``ctid``), or None if the key was there.
 
     Nothing is read to find out. Under SERIALIZABLE on PostgreSQL, a lookup of the key
     takes a predicate lock on an index page that the other requests insert into,
@@ -271,7 +271,7 @@ def _claim(session: Session, dialect: str, claim: dict[str, Any]) -> Any:
     added = sqlite.insert(idempotency_keys).values(**claim).on_conflict_do_nothing()
     if session.execute(added).rowcount == 0:  # type: ignore[attr-defined]
         return None
-    return (idempotency_keys.c.scope == claim["scope"]) & (idempotency_keys.c.key == claim["key"])
+    return this_key
 
 
 def _replay(req: _Request, stored: Any) -> Response:
@@ -319,7 +319,7 @@ def _fingerprint() -> str:
     body = request.get_data(cache=True)
     # get_data() read request.stream to its end: a view that reads the stream
     # itself must find the whole body there.
-    request.stream = io.BytesIO(body)
+    rewind_request_body(body)
     digest = hashlib.sha256()
     # Flask serves HEAD with the GET view and drops the body: the same request.
     method = "GET" if request.method == "HEAD" else request.method
