@@ -153,6 +153,14 @@ def test_serialization_failure_at_commit_is_retried(bank: Any) -> None:
 def test_deadlock_is_retried_without_lost_update(bank: Any) -> None:
     """Opposite lock orders deadlock (40P01); the victim is re-run and both updates land."""
     app, txn = bank
+    errors = deadlock(app, txn)
+    assert [e.orig.pgcode for e in errors] == ["40P01"]
+    assert values(app, txn) == {1: 11, 2: 11}
+
+
+def deadlock(app: Any, txn: Any) -> list[BaseException]:
+    """Rows 1 and 2 updated in opposite orders by two requests at once (+1 and +10 to
+    each), at READ COMMITTED; return the errors their blocks retried."""
     attempts, barrier = Attempts(), threading.Barrier(2, timeout=TIMEOUT)
     survivor_committed = threading.Event()
 
@@ -173,9 +181,7 @@ def test_deadlock_is_retried_without_lost_update(bank: Any) -> None:
         on_commit(survivor_committed.set)
         return "ok"
 
-    errors = retries_of(lambda: run_concurrently(app, ("A", "/add/1/2/1"), ("B", "/add/2/1/10")))
-    assert [e.orig.pgcode for e in errors] == ["40P01"]
-    assert values(app, txn) == {1: 11, 2: 11}
+    return retries_of(lambda: run_concurrently(app, ("A", "/add/1/2/1"), ("B", "/add/2/1/10")))
 
 
 def test_no_session_left_idle_in_transaction(bank: Any) -> None:

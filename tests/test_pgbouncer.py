@@ -18,11 +18,11 @@ import sqlalchemy as sa
 from flask import Flask
 
 from examples.bank import load
-from flask_txn import FlaskTxn, atomic, on_commit, sqlstate_of
+from flask_txn import FlaskTxn, atomic, sqlstate_of
 
 from . import pgbouncer
 from .conftest import Attempts, Item
-from .test_conflicts import TIMEOUT, retries_of, run_concurrently, values
+from .test_conflicts import TIMEOUT, deadlock, retries_of, run_concurrently, values
 
 #: Concurrent clients for the prepared statements test, and blocks each runs.
 CLIENTS, BLOCKS = 8, 40
@@ -159,25 +159,7 @@ def test_a_real_deadlock_is_retried(make_app: Any) -> None:
     app, txn = make_app(TXN_RETRY_SLEEP=lambda _: None)
     with app.app_context(), atomic():
         txn.session.add_all([Item(id=1, name="a"), Item(id=2, name="b")])
-    attempts, barrier = Attempts(), threading.Barrier(2, timeout=TIMEOUT)
-    survivor_committed = threading.Event()
-
-    @app.post("/add/<int:first>/<int:second>/<int:amount>")
-    @atomic(isolation="READ COMMITTED")
-    def add(first: int, second: int, amount: int) -> str:
-        update = sa.update(Item).values(value=Item.value + amount)
-        first_attempt = attempts.first()
-        if not first_attempt:
-            # Row locks are not handed over on ROLLBACK (see test_conflicts).
-            assert survivor_committed.wait(TIMEOUT)
-        txn.session.execute(update.where(Item.id == first))
-        if first_attempt:
-            barrier.wait()  # each holds its first row
-        txn.session.execute(update.where(Item.id == second))
-        on_commit(survivor_committed.set)
-        return "ok"
-
-    errors = retries_of(lambda: run_concurrently(app, ("A", "/add/1/2/1"), ("B", "/add/2/1/10")))
+    errors = deadlock(app, txn)
     assert ([sqlstate_of(e) for e in errors], values(app, txn)) == (["40P01"], {1: 11, 2: 11})
 
 
