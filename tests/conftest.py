@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from flask_txn import FlaskTxn, _transaction
+from flask_txn import FlaskTxn, _transaction, idempotency_keys
 
 from . import pgserver
 
@@ -107,6 +107,24 @@ def make_app(database_url: str) -> Iterator[AppFactory]:
         database = txn._states[app].async_database
         if database is not None:
             database.close()  # pooled psycopg 3 connections
+
+
+@pytest.fixture
+def keys_table(make_app: Any) -> Iterator[Callable[[Flask, Any], None]]:
+    """Give an app a fresh idempotency table, with no other test's keys in it (the
+    bank's tests keep theirs on the shared server); it is dropped after the test."""
+    given: list[tuple[Flask, Any]] = []
+
+    def fresh(app: Flask, txn: Any) -> None:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine, checkfirst=True)
+            idempotency_keys.create(txn.engine)
+        given.append((app, txn))
+
+    yield fresh
+    for app, txn in given:
+        with app.app_context():
+            idempotency_keys.drop(txn.engine)
 
 
 @pytest.fixture

@@ -38,14 +38,12 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 @pytest.fixture
-def shop(make_app: Any) -> Iterator[tuple[Flask, Any, list[int]]]:
+def shop(make_app: Any, keys_table: Any) -> tuple[Flask, Any, list[int]]:
     """An app whose ``POST /items`` adds an item under an idempotency key; the list
     holds one entry per run of the view."""
     app, txn = make_app(TXN_RETRY_SLEEP=lambda _: None)
     runs: list[int] = []
-    with app.app_context():
-        idempotency_keys.drop(txn.engine, checkfirst=True)
-        idempotency_keys.create(txn.engine)
+    keys_table(app, txn)
 
     @app.post("/items")
     @atomic
@@ -59,9 +57,7 @@ def shop(make_app: Any) -> Iterator[tuple[Flask, Any, list[int]]]:
             return {"error": "refused"}, 409
         return {"id": item.id}, 201, {"Location": f"/items/{item.id}"}
 
-    yield app, txn, runs
-    with app.app_context():
-        idempotency_keys.drop(txn.engine)
+    return app, txn, runs
 
 
 def post(app: Flask, key: str | None, name: str = "a", **extra: Any) -> Any:
@@ -162,13 +158,13 @@ def test_a_refused_request_stores_nothing(shop: Any) -> None:
 
 
 @pytest.mark.postgresql_only
-def test_a_retried_attempt_stores_the_key_once(make_app: Any, postgresql_url: str) -> None:
+def test_a_retried_attempt_stores_the_key_once(
+    keys_table: Any, make_app: Any, postgresql_url: str
+) -> None:
     """A real 40001 after the view's work: the re-run stores one row, one item."""
     app, txn = make_app(postgresql_url, TXN_RETRY_SLEEP=lambda _: None)
     attempts = Attempts()
-    with app.app_context():
-        idempotency_keys.drop(txn.engine, checkfirst=True)  # another test's keys
-        idempotency_keys.create(txn.engine)
+    keys_table(app, txn)
 
     @app.post("/items")
     @atomic
@@ -182,15 +178,11 @@ def test_a_retried_attempt_stores_the_key_once(make_app: Any, postgresql_url: st
             )
         return {"ok": True}, 201
 
-    try:
-        first = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
-        again = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
-        assert (first.status_code, again.headers["Idempotent-Replayed"]) == (201, "true")
-        assert (attempts.total, count(app, txn, idempotency_keys)) == (2, 1)
-        assert count(app, txn, Item.__table__) == 1
-    finally:
-        with app.app_context():
-            idempotency_keys.drop(txn.engine)
+    first = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
+    again = app.test_client().post("/items", headers={"Idempotency-Key": "k"})
+    assert (first.status_code, again.headers["Idempotent-Replayed"]) == (201, "true")
+    assert (attempts.total, count(app, txn, idempotency_keys)) == (2, 1)
+    assert count(app, txn, Item.__table__) == 1
 
 
 def test_a_copy_that_arrives_while_the_first_runs(shop: Any, database_url: str) -> None:
@@ -262,13 +254,11 @@ def test_an_expired_key_runs_again_and_is_purged(shop: Any) -> None:
     assert (len(runs), count(app, txn, idempotency_keys)) == (4, 2)
 
 
-def test_keys_are_scoped_by_the_hook(make_app: Any) -> None:
+def test_keys_are_scoped_by_the_hook(keys_table: Any, make_app: Any) -> None:
     """TXN_IDEMPOTENCY_SCOPE: the same key from two users is two operations."""
     app, txn = make_app(TXN_IDEMPOTENCY_SCOPE=lambda: request.headers["X-User"])
     runs: list[str] = []
-    with app.app_context():
-        idempotency_keys.drop(txn.engine, checkfirst=True)  # another test's keys
-        idempotency_keys.create(txn.engine)
+    keys_table(app, txn)
 
     @app.post("/")
     @atomic
@@ -278,13 +268,9 @@ def test_keys_are_scoped_by_the_hook(make_app: Any) -> None:
         return "ok"
 
     client = app.test_client()
-    try:
-        for user in ("ann", "bob", "ann"):
-            client.post("/", headers={"Idempotency-Key": "k", "X-User": user})
-        assert runs == ["ann", "bob"]
-    finally:
-        with app.app_context():
-            idempotency_keys.drop(txn.engine)
+    for user in ("ann", "bob", "ann"):
+        client.post("/", headers={"Idempotency-Key": "k", "X-User": user})
+    assert runs == ["ann", "bob"]
 
 
 def test_wrong_placement_is_refused(shop: Any) -> None:
@@ -310,14 +296,12 @@ def test_a_class_is_refused() -> None:
 
 
 @pytest.mark.postgresql_only
-def test_async_views_are_answered_once(async_app: Any) -> None:  # noqa: F811
+def test_async_views_are_answered_once(keys_table: Any, async_app: Any) -> None:  # noqa: F811
     """An async view: the repeat gets the stored response, another body 422, and the
     view runs once (psycopg 3 and asyncpg)."""
     app, txn = async_app
     runs: list[int] = []
-    with app.app_context():
-        idempotency_keys.drop(txn.engine, checkfirst=True)
-        idempotency_keys.create(txn.engine)
+    keys_table(app, txn)
 
     @app.post("/items")
     @atomic
@@ -327,21 +311,17 @@ def test_async_views_are_answered_once(async_app: Any) -> None:  # noqa: F811
         txn.async_session.add(Item(id=10 + len(runs), name="async"))
         return {"run": len(runs)}, 201
 
-    try:
-        headers = {"Idempotency-Key": "ak"}
-        client = app.test_client()
-        first = client.post("/items", json={"n": 1}, headers=headers)
-        again = client.post("/items", json={"n": 1}, headers=headers)
-        other = client.post("/items", json={"n": 2}, headers=headers)
-        assert (first.status_code, again.json, again.headers["Idempotent-Replayed"]) == (
-            201,
-            {"run": 1},
-            "true",
-        )
-        assert (other.status_code, len(runs), count(app, txn, Item.__table__)) == (422, 1, 3)
-    finally:
-        with app.app_context():
-            idempotency_keys.drop(txn.engine)
+    headers = {"Idempotency-Key": "ak"}
+    client = app.test_client()
+    first = client.post("/items", json={"n": 1}, headers=headers)
+    again = client.post("/items", json={"n": 1}, headers=headers)
+    other = client.post("/items", json={"n": 2}, headers=headers)
+    assert (first.status_code, again.json, again.headers["Idempotent-Replayed"]) == (
+        201,
+        {"run": 1},
+        "true",
+    )
+    assert (other.status_code, len(runs), count(app, txn, Item.__table__)) == (422, 1, 3)
 
 
 def test_a_streamed_response_is_refused(shop: Any) -> None:
@@ -487,7 +467,7 @@ def test_a_bad_batch_size_is_refused(shop: Any, batch_size: object) -> None:
 
 @pytest.mark.postgresql_only
 def test_a_copy_whose_snapshot_predates_the_first_commit_gets_its_answer(
-    make_app: Any, postgresql_url: str
+    keys_table: Any, make_app: Any, postgresql_url: str
 ) -> None:
     """REPEATABLE READ: a copy whose snapshot was taken (here by the scope hook's query)
     before the first committed takes the freed lock, misses the row, and is retried
@@ -509,8 +489,7 @@ def test_a_copy_whose_snapshot_predates_the_first_commit_gets_its_answer(
         TXN_RETRY_SLEEP=lambda _: None,
     )
     runs: list[int] = []
-    with app.app_context():
-        idempotency_keys.create(txn.engine, checkfirst=True)
+    keys_table(app, txn)
 
     @app.post("/items")
     @atomic
@@ -540,17 +519,16 @@ def test_a_copy_whose_snapshot_predates_the_first_commit_gets_its_answer(
     finally:
         first_done.set()
         copy.join(TIMEOUT)
-        with app.app_context():
-            idempotency_keys.drop(txn.engine)
 
 
 @pytest.mark.parametrize("value", [object(), None, True, 1.5, "u" * 201])
-def test_a_scope_that_would_not_match_again_is_refused(make_app: Any, value: object) -> None:
+def test_a_scope_that_would_not_match_again_is_refused(
+    keys_table: Any, make_app: Any, value: object
+) -> None:
     """The hook must return a str or int that fits the column: an object's str() names its
     address, a new scope per request, and every repeat would run the view again."""
     app, txn = make_app(TXN_IDEMPOTENCY_SCOPE=lambda: value)
-    with app.app_context():
-        idempotency_keys.create(txn.engine, checkfirst=True)
+    keys_table(app, txn)
 
     @app.post("/")
     @atomic
@@ -559,24 +537,19 @@ def test_a_scope_that_would_not_match_again_is_refused(make_app: Any, value: obj
         return "ok"
 
     app.testing = True
-    try:
-        with pytest.raises(
-            ConfigError,
-            match=r"'TXN_IDEMPOTENCY_SCOPE' must return a str or an int of at most 200"
-            r" characters, got .* of type \w+\. Return an id, such as 'lambda: current_user.id'",
-        ):
-            app.test_client().post("/", headers={"Idempotency-Key": "k"})
-        assert count(app, txn, idempotency_keys) == 0
-    finally:
-        with app.app_context():
-            idempotency_keys.drop(txn.engine)
+    with pytest.raises(
+        ConfigError,
+        match=r"'TXN_IDEMPOTENCY_SCOPE' must return a str or an int of at most 200"
+        r" characters, got .* of type \w+\. Return an id, such as 'lambda: current_user.id'",
+    ):
+        app.test_client().post("/", headers={"Idempotency-Key": "k"})
+    assert count(app, txn, idempotency_keys) == 0
 
 
-def test_an_int_scope_is_accepted(make_app: Any) -> None:
+def test_an_int_scope_is_accepted(keys_table: Any, make_app: Any) -> None:
     """An int id, the usual 'current_user.id', is stored as its digits."""
     app, txn = make_app(TXN_IDEMPOTENCY_SCOPE=lambda: 42)
-    with app.app_context():
-        idempotency_keys.create(txn.engine, checkfirst=True)
+    keys_table(app, txn)
 
     @app.post("/")
     @atomic
@@ -591,15 +564,13 @@ def test_an_int_scope_is_accepted(make_app: Any) -> None:
     finally:
         with app.app_context():
             txn.session.remove()
-            idempotency_keys.drop(txn.engine)
 
 
 @pytest.mark.parametrize("retries", [0, 1])
-def test_the_view_can_read_the_request_stream(make_app: Any, retries: int) -> None:
+def test_the_view_can_read_the_request_stream(keys_table: Any, make_app: Any, retries: int) -> None:
     """The fingerprint reads the body; the view still finds all of it in request.stream."""
     app, txn = make_app(TXN_RETRIES=retries)
-    with app.app_context():
-        idempotency_keys.create(txn.engine, checkfirst=True)
+    keys_table(app, txn)
 
     @app.post("/upload")
     @atomic
@@ -607,20 +578,16 @@ def test_the_view_can_read_the_request_stream(make_app: Any, retries: int) -> No
     def upload() -> Any:
         return {"read": request.stream.read().decode()}
 
-    try:
-        response = app.test_client().post(
-            "/upload",
-            data=b"the body",
-            headers={"Idempotency-Key": "k", "Content-Type": "application/octet-stream"},
-        )
-        assert response.json == {"read": "the body"}
-    finally:
-        with app.app_context():
-            idempotency_keys.drop(txn.engine)
+    response = app.test_client().post(
+        "/upload",
+        data=b"the body",
+        headers={"Idempotency-Key": "k", "Content-Type": "application/octet-stream"},
+    )
+    assert response.json == {"read": "the body"}
 
 
 @pytest.mark.postgresql_only
-def test_a_callable_veto_judges_what_the_view_returned(make_app: Any) -> None:
+def test_a_callable_veto_judges_what_the_view_returned(keys_table: Any, make_app: Any) -> None:
     """TXN_ROLLBACK_ON_STATUS as a callable gets the view's tuple, as without @idempotent,
     and its rollback takes the key's row with the work."""
     seen: list[object] = []
@@ -630,8 +597,7 @@ def test_a_callable_veto_judges_what_the_view_returned(make_app: Any) -> None:
         return isinstance(rv, tuple) and rv[1] == 409
 
     app, txn = make_app(TXN_ROLLBACK_ON_STATUS=veto)
-    with app.app_context():
-        idempotency_keys.create(txn.engine, checkfirst=True)
+    keys_table(app, txn)
 
     @app.post("/")
     @atomic
@@ -640,18 +606,14 @@ def test_a_callable_veto_judges_what_the_view_returned(make_app: Any) -> None:
         txn.session.add(Item(name="a"))
         return {"error": "taken"}, 409
 
-    try:
-        response = app.test_client().post("/", headers={"Idempotency-Key": "k"})
-        assert (response.status_code, seen) == (409, [({"error": "taken"}, 409)])
-        assert (count(app, txn, Item.__table__), count(app, txn, idempotency_keys)) == (0, 0)
-    finally:
-        with app.app_context():
-            idempotency_keys.drop(txn.engine)
+    response = app.test_client().post("/", headers={"Idempotency-Key": "k"})
+    assert (response.status_code, seen) == (409, [({"error": "taken"}, 409)])
+    assert (count(app, txn, Item.__table__), count(app, txn, idempotency_keys)) == (0, 0)
 
 
 @pytest.mark.postgresql_only
 def test_a_resend_after_an_ambiguous_commit_that_committed_is_replayed(
-    make_app: Any, postgresql_url: str
+    keys_table: Any, make_app: Any, postgresql_url: str
 ) -> None:
     """COMMIT's reply is late (502 commit-unknown), the server commits after all: the
     client's resend with the same key gets the first response, and the view ran once."""
@@ -670,8 +632,7 @@ def test_a_resend_after_an_ambiguous_commit_that_committed_is_replayed(
             "CREATE CONSTRAINT TRIGGER commit_gate AFTER INSERT ON commit_gate DEFERRABLE"
             " INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_gate_wait()"
         )
-    with app.app_context():
-        idempotency_keys.create(txn.engine, checkfirst=True)
+    keys_table(app, txn)
 
     @app.post("/items")
     @atomic
@@ -710,19 +671,17 @@ def test_a_resend_after_an_ambiguous_commit_that_committed_is_replayed(
         engine.dispose()
         with app.app_context():
             txn.engine.dispose()
-            idempotency_keys.drop(txn.engine)
 
 
 @pytest.mark.postgresql_only
 def test_keys_that_join_to_the_same_text_do_not_exclude_each_other(
-    make_app: Any, postgresql_url: str
+    keys_table: Any, make_app: Any, postgresql_url: str
 ) -> None:
     """Scope 'a:b' with key 'c' is in flight: scope 'a' with key 'b:c' is another key,
     and runs, instead of getting 409 for a lock it shares by name."""
     app, txn = make_app(postgresql_url, TXN_IDEMPOTENCY_SCOPE=lambda: request.headers["X-User"])
     inside, release = threading.Event(), threading.Event()
-    with app.app_context():
-        idempotency_keys.create(txn.engine, checkfirst=True)
+    keys_table(app, txn)
 
     @app.post("/")
     @atomic
@@ -751,8 +710,6 @@ def test_keys_that_join_to_the_same_text_do_not_exclude_each_other(
     finally:
         release.set()
         first.join(TIMEOUT)
-        with app.app_context():
-            idempotency_keys.drop(txn.engine)
 
 
 def test_replays_and_refusals_are_logged(shop: Any, caplog: pytest.LogCaptureFixture) -> None:

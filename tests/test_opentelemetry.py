@@ -24,7 +24,7 @@ from opentelemetry.semconv._incubating.attributes.db_attributes import DbSystemN
 from opentelemetry.semconv.attributes import db_attributes, error_attributes
 
 import flask_txn
-from flask_txn import UsageError, atomic, idempotency_keys, idempotent, on_commit, testing
+from flask_txn import UsageError, atomic, idempotent, on_commit, testing
 from flask_txn import opentelemetry as txn_otel
 from flask_txn.opentelemetry import instrument, uninstrument
 
@@ -347,14 +347,11 @@ def test_failing_telemetry_changes_nothing(app_txn: Any, caplog: pytest.LogCaptu
     assert len(logged) == 3, logged  # rolled back (retry), retrying, committed
 
 
-def test_replay_is_not_a_commit(instrumented: Any, telemetry: Telemetry) -> None:
+def test_replay_is_not_a_commit(keys_table: Any, instrumented: Any, telemetry: Telemetry) -> None:
     """A repeat answered by @idempotent from the stored response ends with outcome
     'replay', and is left out of the commits."""
     app, txn = instrumented
-    with app.app_context():
-        # The bank's tests on the same server keep theirs, with keys such as "k1".
-        idempotency_keys.drop(txn.engine, checkfirst=True)
-        idempotency_keys.create(txn.engine)
+    keys_table(app, txn)
 
     @app.post("/items")
     @atomic
@@ -363,13 +360,9 @@ def test_replay_is_not_a_commit(instrumented: Any, telemetry: Telemetry) -> None
         txn.session.add(Item(name="a"))
         return "created", 201
 
-    try:
-        for _ in range(2):
-            with telemetry.tracer_provider.get_tracer("test").start_as_current_span("request"):
-                app.test_client().post("/items", headers={"Idempotency-Key": "k1"})
-    finally:
-        with app.app_context():
-            idempotency_keys.drop(txn.engine)
+    for _ in range(2):
+        with telemetry.tracer_provider.get_tracer("test").start_as_current_span("request"):
+            app.test_client().post("/items", headers={"Idempotency-Key": "k1"})
     outcomes = [
         dict(s.attributes or {})["flask_txn.outcome"] for s in telemetry.spans.get_finished_spans()
     ]
