@@ -1286,18 +1286,28 @@ def test_read_timeout_during_commit_is_an_ambiguous_commit(postgresql_url: str) 
 # -- error responses ----------------------------------------------------------------------
 
 
-def responses_app(url: str, **config: Any) -> tuple[Flask, Any]:
-    """An app with flask-txn's error responses and views that fail in each way."""
-    from flask_txn import atomic, register_error_handlers
+def default_app(url: str, **config: Any) -> tuple[Flask, Any]:
+    """An app with flask-txn and no error handler registered by hand."""
+    from flask_txn import atomic
 
     app, ext = plain_app(url, **config)
-    register_error_handlers(app, retry_after=2)
 
     @app.post("/conflict")
     @atomic(retries=1, wait_initial=0)
     def conflict() -> str:
         ext.session.execute(sa.text("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40001'; END $$"))
         return "unreachable"
+
+    return app, ext
+
+
+def responses_app(url: str, **config: Any) -> tuple[Flask, Any]:
+    """``default_app`` with the error responses registered by hand (``Retry-After: 2``)
+    and views that fail in the other ways."""
+    from flask_txn import atomic, register_error_handlers
+
+    app, ext = default_app(url, **config)
+    register_error_handlers(app, retry_after=2)
 
     @app.post("/slow")
     @atomic(statement_timeout=0.05)
@@ -1421,21 +1431,6 @@ def test_ambiguous_commit_is_502(postgresql_url: str) -> None:
             ext.engine.dispose()
     assert (status, retry_after, body["reason"], calls) == (502, "1", "commit-unknown", [1])
     assert "same Idempotency-Key" in body["error"]
-
-
-def default_app(url: str, **config: Any) -> tuple[Flask, Any]:
-    """An app with flask-txn and no error handler registered by hand."""
-    from flask_txn import atomic
-
-    app, ext = plain_app(url, **config)
-
-    @app.post("/conflict")
-    @atomic(retries=1, wait_initial=0)
-    def conflict() -> str:
-        ext.session.execute(sa.text("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40001'; END $$"))
-        return "unreachable"
-
-    return app, ext
 
 
 def test_retries_exhausted_is_503_by_default(postgresql_url: str) -> None:
