@@ -27,18 +27,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
-from . import _signals
+from . import _commit, _signals
 from ._callbacks import Callback, run_callbacks
-from ._errors import AmbiguousCommitError, TransactionAbortedError, UsageError
+from ._errors import AmbiguousCommitError
 from ._options import Options, apply
-from ._retry import (
-    AMBIGUOUS_SQLSTATE,
-    is_disconnect,
-    next_delay,
-    should_retry,
-    sqlstate_of,
-)
-from ._session import AsyncDatabase, aborted, current_app_object
+from ._retry import next_delay, should_retry, sqlstate_of
+from ._session import AsyncDatabase, current_app_object
 from ._testhooks import hooks
 
 if TYPE_CHECKING:
@@ -277,57 +271,23 @@ class Attempt:
 
     def _commit(self) -> BaseException | None:
         """Flush and commit; return the error instead of raising it."""
-        session = self.session
-        if self.registry is not None and not (self.registry.has() and self.registry() is session):
-            kind = "a 'with atomic()' block" if self.options.policy is None else "an atomic block"
-            return UsageError(
-                f"The session was removed inside {kind}, so the transaction was lost."
-                " Do not call 'session.remove()' inside a block."
-            )
-        if session.get_transaction() is not self.root:
-            return UsageError(
-                "The transaction was rolled back inside the atomic block (session.rollback()"
-                " or session.close()), so the writes made before that are lost and those"
-                " made after it would be committed alone. Do not end the session's"
-                " transaction inside a block: raise instead, or use a nested 'atomic'"
-                " block to undo part of the work."
-            )
-        try:
-            hooks.before_commit(session)
-        except Exception as exc:
-            return exc
-        # PostgreSQL turns COMMIT of an aborted transaction into a silent ROLLBACK,
-        # and a flush there fails with 25P02, which would hide the error that aborted it.
-        if self.last_error is not None and aborted(session):
-            error = TransactionAbortedError(
-                "A database error aborted this transaction, but the function caught it and"
-                " returned normally, so nothing was committed. Let the error propagate, or"
-                " wrap the failing statement in a nested 'atomic' block (a savepoint)."
-            )
-            error.__cause__ = self.last_error
+        error = _commit.obstacle(
+            self.session,
+            self.root,
+            registry=self.registry,
+            with_block=self.options.policy is None,
+            last_error=self.last_error,
+        )
+        if error is not None:
             return error
         try:
             # Ordinary errors (constraints, triggers) surface here, before COMMIT,
             # so that only COMMIT itself can leave an outcome unknown.
-            session.flush()
+            self.session.flush()
         except Exception as exc:
             return exc
         self.committing = True
-        try:
-            session.commit()
-        except Exception as exc:
-            if is_disconnect(exc) or sqlstate_of(exc) == AMBIGUOUS_SQLSTATE:
-                ambiguous = AmbiguousCommitError(
-                    "COMMIT's outcome is unknown (the connection was lost while waiting for"
-                    " its reply, or the server reported SQLSTATE 40003): the transaction may"
-                    " or may not have committed, so it is not retried. Make the operation"
-                    " idempotent (store an idempotency key in the same transaction) and let"
-                    " the client retry with the same key."
-                )
-                ambiguous.__cause__ = exc
-                return ambiguous
-            return exc
-        return None
+        return _commit.commit(self.session)
 
     def _rollback(self) -> None:
         """Roll back, returning the connection to the pool."""

@@ -1,0 +1,75 @@
+"""Committing an attempt's transaction: what stops it before COMMIT, and COMMIT itself.
+
+Both return the error instead of raising it, so that the attempt records it and
+decides (``_transaction.Attempt._end``) whether the block is re-run.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+from sqlalchemy.util import ScopedRegistry
+
+from ._errors import AmbiguousCommitError, TransactionAbortedError, UsageError
+from ._retry import AMBIGUOUS_SQLSTATE, is_disconnect, sqlstate_of
+from ._session import aborted
+from ._testhooks import hooks
+
+
+def obstacle(
+    session: Session,
+    root: object,
+    *,
+    registry: ScopedRegistry[Session] | None,
+    with_block: bool,
+    last_error: BaseException | None,
+) -> BaseException | None:
+    """What stops ``session``'s transaction ``root`` from committing, if anything: a
+    mistake in the block, a fault the pytest plugin injects, or an aborted transaction."""
+    if registry is not None and not (registry.has() and registry() is session):
+        kind = "a 'with atomic()' block" if with_block else "an atomic block"
+        return UsageError(
+            f"The session was removed inside {kind}, so the transaction was lost."
+            " Do not call 'session.remove()' inside a block."
+        )
+    if session.get_transaction() is not root:
+        return UsageError(
+            "The transaction was rolled back inside the atomic block (session.rollback()"
+            " or session.close()), so the writes made before that are lost and those"
+            " made after it would be committed alone. Do not end the session's"
+            " transaction inside a block: raise instead, or use a nested 'atomic'"
+            " block to undo part of the work."
+        )
+    try:
+        hooks.before_commit(session)
+    except Exception as exc:
+        return exc
+    # PostgreSQL turns COMMIT of an aborted transaction into a silent ROLLBACK,
+    # and a flush there fails with 25P02, which would hide the error that aborted it.
+    if last_error is not None and aborted(session):
+        error = TransactionAbortedError(
+            "A database error aborted this transaction, but the function caught it and"
+            " returned normally, so nothing was committed. Let the error propagate, or"
+            " wrap the failing statement in a nested 'atomic' block (a savepoint)."
+        )
+        error.__cause__ = last_error
+        return error
+    return None
+
+
+def commit(session: Session) -> BaseException | None:
+    """COMMIT; an error whose outcome is unknown becomes :class:`AmbiguousCommitError`."""
+    try:
+        session.commit()
+    except Exception as exc:
+        if is_disconnect(exc) or sqlstate_of(exc) == AMBIGUOUS_SQLSTATE:
+            ambiguous = AmbiguousCommitError(
+                "COMMIT's outcome is unknown (the connection was lost while waiting for"
+                " its reply, or the server reported SQLSTATE 40003): the transaction may"
+                " or may not have committed, so it is not retried. Make the operation"
+                " idempotent (store an idempotency key in the same transaction) and let"
+                " the client retry with the same key."
+            )
+            ambiguous.__cause__ = exc
+            return ambiguous
+        return exc
+    return None
