@@ -16,7 +16,9 @@ import sqlalchemy as sa
 
 from flask_txn import AmbiguousCommitError, atomic, on_commit, transaction_retrying
 
-from .conftest import Attempts, Item
+from .conftest import Attempts, Item, every_engine
+
+pytestmark = every_engine
 
 TIMEOUT = 30
 

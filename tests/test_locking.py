@@ -42,7 +42,9 @@ from flask_txn import (
     try_advisory_lock,
 )
 
-from .conftest import AppFactory, Attempts, Item
+from .conftest import AppFactory, Attempts, Item, every_engine
+
+pytestmark = every_engine
 
 TIMEOUT = 10
 ROUNDS = 50
@@ -116,6 +118,8 @@ def outside(locking_app: App) -> Iterator[sa.Engine]:
     connect_args: dict[str, Any] = {"options": f"-c lock_timeout={TIMEOUT}s"}
     if url.get_backend_name() == "sqlite":
         connect_args = {"timeout": TIMEOUT}
+    elif url.get_backend_name() != "postgresql":
+        connect_args = {}  # the server's innodb_lock_wait_timeout (tests/mariadb.py) bounds waits
     engine = sa.create_engine(url, connect_args=connect_args)
     yield engine
     engine.dispose()
