@@ -115,8 +115,9 @@ every_engine = pytest.mark.every_engine
 @pytest.hookimpl(tryfirst=True)
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Run the tests marked :data:`every_engine` that use ``database_url`` on MariaDB
-    too, unless they choose their engines themselves."""
-    chosen = any(
+    too, unless they choose their engines themselves (a parametrize mark, or a
+    module's own ``database_url`` fixture)."""
+    chosen = hasattr(metafunc.module, "database_url") or any(
         "database_url" in str(mark.args[0])
         for mark in metafunc.definition.iter_markers("parametrize")
     )

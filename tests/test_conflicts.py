@@ -16,9 +16,7 @@ import sqlalchemy as sa
 
 from flask_txn import AmbiguousCommitError, atomic, on_commit, transaction_retrying
 
-from .conftest import Attempts, Item, every_engine
-
-pytestmark = every_engine
+from .conftest import Attempts, Item
 
 TIMEOUT = 30
 

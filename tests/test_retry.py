@@ -30,9 +30,7 @@ from flask_txn._config import RetryPolicy
 from flask_txn._retry import backoff
 
 from . import tcpproxy
-from .conftest import Item, count_items, every_engine
-
-pytestmark = every_engine
+from .conftest import Item, count_items
 
 FAIL_WITH = """
 CREATE OR REPLACE FUNCTION fail_with(code text) RETURNS void LANGUAGE plpgsql AS $$
