@@ -64,6 +64,9 @@ class Savepoint:
             self.nested.rollback()
         # Work undone here will never commit: neither will what it registered.
         attempt.callbacks = [entry for entry in attempt.callbacks if self not in entry[0]]
+        # Statements a MySQL lock error undid in here are undone with the rest.
+        depth = len(attempt.savepoints)
+        attempt.lock_failures = [entry for entry in attempt.lock_failures if entry[0] <= depth]
 
 
 def on_commit(func: Callable[[], object], *, robust: bool = False) -> None:

@@ -1,0 +1,216 @@
+"""MariaDB for real, through PyMySQL and mysqlclient: what is retried, what never commits.
+
+The suite's own MariaDB (tests/mariadb.py). Conflicts are provoked with two
+requests and a ``threading.Barrier``, as on PostgreSQL (test_conflicts); lock
+errors with ``innodb_lock_wait_timeout = 0``, which makes MariaDB answer a lock
+conflict at once with 1205 instead of after a wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from flask_txn import (
+    TransactionAbortedError,
+    atomic,
+    sqlstate_of,
+    transaction_committed,
+    transaction_retrying,
+)
+
+from .conftest import Attempts, Item
+from .test_conflicts import TIMEOUT, deadlock, retries_of, run_concurrently, values
+
+
+@pytest.fixture(params=["pymysql", "mysqlclient"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """The suite's MariaDB through each driver."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture
+def pymysql_url(mariadb_url: str) -> str:
+    return mariadb_url
+
+
+def with_session(statement: str) -> dict[str, Any]:
+    """``TXN_ENGINE_OPTIONS`` that run ``statement`` on each new connection (both drivers)."""
+    return {"connect_args": {"init_command": statement}}
+
+
+@pytest.fixture
+def bank(make_app: Any) -> Any:
+    """An app whose retries never wait, with two rows at value 0."""
+    app, txn = make_app(TXN_RETRY_SLEEP=lambda _: None)
+    with app.app_context(), atomic():
+        txn.session.add_all([Item(id=1, name="a"), Item(id=2, name="b")])
+    return app, txn
+
+
+@pytest.fixture
+def nowait_bank(make_app: Any) -> Any:
+    """Like ``bank``, but a lock conflict fails at once with 1205."""
+    app, txn = make_app(
+        TXN_RETRY_SLEEP=lambda _: None,
+        TXN_ENGINE_OPTIONS=with_session("SET SESSION innodb_lock_wait_timeout = 0"),
+    )
+    with app.app_context(), atomic():
+        txn.session.add_all([Item(id=1, name="a"), Item(id=2, name="b")])
+    return app, txn
+
+
+@pytest.fixture
+def row_1_locked(nowait_bank: Any) -> Iterator[None]:
+    """Another client holds row 1's lock while the test runs."""
+    app, txn = nowait_bank
+    with app.app_context():
+        engine = sa.create_engine(txn.engine.url)
+    try:
+        with engine.connect() as other:
+            other.execute(sa.select(Item.id).where(Item.id == 1).with_for_update())
+            yield
+            other.rollback()
+    finally:
+        engine.dispose()
+
+
+def test_deadlock_is_retried_and_reported_as_its_number(bank: Any) -> None:
+    """Real 1213: the victim is re-run, both updates count, and the signal's sqlstate is
+    the error number with either driver (PyMySQL used to give its SQLSTATE, 40001)."""
+    app, txn = bank
+    payloads: list[Any] = []
+
+    def retrying(_: Any, **payload: Any) -> None:
+        payloads.append(payload["sqlstate"])
+
+    with transaction_retrying.connected_to(retrying):
+        errors = deadlock(app, txn)
+    assert [sqlstate_of(error) for error in errors] == payloads == ["1213"]
+    assert values(app, txn) == {1: 11, 2: 11}
+
+
+def test_record_changed_under_snapshot_isolation_is_retried(make_app: Any) -> None:
+    """Real 1020 ("Record has changed since last read", innodb_snapshot_isolation=ON,
+    MariaDB 11.8's default): the stale writer is re-run and no update is lost."""
+    app, txn = make_app(
+        TXN_RETRY_SLEEP=lambda _: None,
+        TXN_ENGINE_OPTIONS=with_session("SET SESSION innodb_snapshot_isolation = ON"),
+    )
+    with app.app_context(), atomic():
+        txn.session.add(Item(id=1, name="a"))
+    attempts, read, written = Attempts(), threading.Barrier(2, timeout=TIMEOUT), threading.Event()
+
+    @app.post("/add/<int:amount>")
+    @atomic(isolation="REPEATABLE READ")
+    def add(amount: int) -> str:
+        first = attempts.first()
+        txn.session.execute(sa.select(Item.value).where(Item.id == 1)).one()  # the snapshot
+        if first:
+            read.wait()
+        if first and amount == 1:
+            assert written.wait(TIMEOUT)  # the other one committed after our snapshot
+        txn.session.execute(sa.update(Item).values(value=Item.value + amount))
+        return "ok"
+
+    def committed(_: Any, **payload: Any) -> None:
+        written.set()
+
+    with transaction_committed.connected_to(committed):
+        errors = retries_of(lambda: run_concurrently(app, ("A", "/add/1"), ("B", "/add/10")))
+    assert [sqlstate_of(error) for error in errors] == ["1020"]
+    assert values(app, txn) == {1: 11}
+
+
+def test_lock_wait_timeout_is_raised_not_retried(nowait_bank: Any, row_1_locked: None) -> None:
+    """1205 is not retried (like PostgreSQL's lock_not_available): the same wait would
+    time out again. It reaches the caller with its number."""
+    app, txn = nowait_bank
+    attempts = Attempts()
+
+    @atomic
+    def update() -> None:
+        attempts.first()
+        txn.session.execute(sa.update(Item).where(Item.id == 1).values(value=5))
+
+    with app.app_context(), pytest.raises(sa.exc.OperationalError) as raised:
+        update()
+    assert (sqlstate_of(raised.value), attempts.total) == ("1205", 1)
+
+
+def test_a_caught_lock_wait_timeout_commits_nothing(nowait_bank: Any, row_1_locked: None) -> None:
+    """InnoDB undoes only the statement that timed out: a block that catches 1205 and
+    returns would have committed its other writes. It raises TransactionAbortedError
+    instead, and nothing is committed."""
+    app, txn = nowait_bank
+
+    @atomic
+    def careless() -> None:
+        txn.session.execute(sa.update(Item).where(Item.id == 2).values(value=7))
+        with contextlib.suppress(sa.exc.OperationalError):
+            txn.session.execute(sa.update(Item).where(Item.id == 1).values(value=7))
+
+    with app.app_context(), pytest.raises(TransactionAbortedError, match="1205") as raised:
+        careless()
+    assert sqlstate_of(raised.value.__cause__) == "1205"
+    assert values(app, txn) == {1: 0, 2: 0}
+
+
+def test_a_lock_wait_timeout_in_a_nested_block_rolls_back_that_block_only(
+    nowait_bank: Any, row_1_locked: None
+) -> None:
+    """Caught around a nested block, the 1205 is undone with the savepoint: the rest
+    commits, as a PostgreSQL error caught around a nested block does."""
+    app, txn = nowait_bank
+
+    @atomic
+    def careful() -> None:
+        txn.session.execute(sa.update(Item).where(Item.id == 2).values(value=7))
+        try:
+            with atomic():
+                txn.session.execute(sa.update(Item).where(Item.id == 1).values(value=7))
+        except sa.exc.OperationalError:
+            pass
+
+    with app.app_context():
+        careful()
+    assert values(app, txn) == {1: 0, 2: 7}
+
+
+def test_a_caught_deadlock_commits_nothing(bank: Any) -> None:
+    """InnoDB rolls the deadlock victim's whole transaction back: a ``with`` block (which
+    cannot re-run) that catches 1213 raises it instead of committing what came after."""
+    app, txn = bank
+    barrier, results = threading.Barrier(2, timeout=TIMEOUT), {}
+
+    def add(name: str, first: int, second: int) -> None:
+        try:
+            with app.app_context(), atomic():
+                update = sa.update(Item).values(value=Item.value + 1)
+                txn.session.execute(update.where(Item.id == first))
+                barrier.wait()
+                # The victim swallows its deadlock, and carries on.
+                with contextlib.suppress(sa.exc.OperationalError):
+                    txn.session.execute(update.where(Item.id == second))
+                txn.session.add(Item(id=10 + first, name=name))
+            results[name] = "committed"
+        except sa.exc.OperationalError as exc:
+            results[name] = sqlstate_of(exc)
+
+    threads = [
+        threading.Thread(target=add, args=("A", 1, 2)),
+        threading.Thread(target=add, args=("B", 2, 1)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert sorted(results.values()) == ["1213", "committed"]
+    rows = values(app, txn)
+    assert len(rows) == 3
+    assert sum(rows.values()) == 2
