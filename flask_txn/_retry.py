@@ -56,6 +56,9 @@ _RETRIABLE_CODES = frozenset({"40001", "40P01", "1213", "1020"})
 STATEMENT_ROLLED_BACK = frozenset({"1205", "3572"})
 #: SQLSTATE of a statement cancelled: by its statement timeout, or by a cancel request.
 QUERY_CANCELED = "57014"
+#: Statements a server's statement timeout ended: PostgreSQL's (and its cancel
+#: requests), MariaDB's max_statement_time (1969), MySQL's max_execution_time (3024).
+STATEMENT_TIMEOUTS = frozenset({QUERY_CANCELED, "1969", "3024"})
 #: Attribute set (True) on a driver error raised because the read watchdog cut the connection.
 WATCHDOG_MARK = "flask_txn_read_timeout"
 _RETRIABLE_SQLITE = ("SQLITE_BUSY", "SQLITE_LOCKED")
@@ -143,12 +146,13 @@ def is_retryable(exc: BaseException) -> bool:
 
 def timed_out(exc: BaseException) -> bool:
     """True if a timeout flask-txn enforces ended the statement: the read watchdog
-    cut its connection, or it was cancelled (57014, its statement timeout).
+    cut its connection, or it was cancelled (57014, its statement timeout; on
+    MariaDB and MySQL, 1969 and 3024).
 
     Such an attempt is never re-run, whatever ``retry_on`` says: the same slow
     statement would run out of time again, each time adding its load.
     """
-    return sqlstate_of(exc) == QUERY_CANCELED or any(
+    return sqlstate_of(exc) in STATEMENT_TIMEOUTS or any(
         getattr(error, WATCHDOG_MARK, False) is True for error in _chain(exc)
     )
 

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from flask_txn import (
     TransactionAbortedError,
     atomic,
+    register_error_handlers,
     sqlstate_of,
     transaction_committed,
     transaction_retrying,
@@ -214,3 +215,22 @@ def test_a_caught_deadlock_commits_nothing(bank: Any) -> None:
     rows = values(app, txn)
     assert len(rows) == 3
     assert sum(rows.values()) == 2
+
+
+def test_a_lock_wait_timeout_is_answered_503_timeout(
+    nowait_bank: Any, row_1_locked: None
+) -> None:
+    """register_error_handlers answers 1205 as a timeout (503, Retry-After), through
+    PyMySQL too, whose SQLSTATE for it (HY000) said nothing."""
+    app, txn = nowait_bank
+    register_error_handlers(app, retry_after=2)
+
+    @app.post("/update")
+    @atomic
+    def update() -> str:
+        txn.session.execute(sa.update(Item).where(Item.id == 1).values(value=5))
+        return "unreachable"
+
+    response = app.test_client().post("/update")
+    body = response.get_json()
+    assert (response.status_code, body["reason"], body["sqlstate"]) == (503, "timeout", "1205")
