@@ -217,9 +217,7 @@ def test_a_caught_deadlock_commits_nothing(bank: Any) -> None:
     assert sum(rows.values()) == 2
 
 
-def test_a_lock_wait_timeout_is_answered_503_timeout(
-    nowait_bank: Any, row_1_locked: None
-) -> None:
+def test_a_lock_wait_timeout_is_answered_503_timeout(nowait_bank: Any, row_1_locked: None) -> None:
     """register_error_handlers answers 1205 as a timeout (503, Retry-After), through
     PyMySQL too, whose SQLSTATE for it (HY000) said nothing."""
     app, txn = nowait_bank
