@@ -351,8 +351,8 @@ TABLE = [
         "uri-driver-missing",
         ConfigError,
         "init_app",
-        arrange=_config_on("mysql://app@127.0.0.1:1/app"),
-        says=("'TXN_DATABASE_URI'", "'mysql'", "not installed", "pip install mysqlclient"),
+        arrange=_config_on("oracle+oracledb://app@127.0.0.1:1/app"),
+        says=("'TXN_DATABASE_URI'", "'oracle+oracledb'", "not installed", "pip install oracledb"),
     ),
     Row(
         "async-uri-driver-missing",

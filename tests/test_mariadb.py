@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from flask_txn import (
+    ConfigError,
     TransactionAbortedError,
     atomic,
     register_error_handlers,
@@ -232,3 +233,93 @@ def test_a_lock_wait_timeout_is_answered_503_timeout(nowait_bank: Any, row_1_loc
     response = app.test_client().post("/update")
     body = response.get_json()
     assert (response.status_code, body["reason"], body["sqlstate"]) == (503, "timeout", "1205")
+
+
+def session_settings(txn: Any) -> tuple[Any, ...]:
+    """The connection's id, isolation level and timeouts, read in the current session."""
+    return tuple(
+        txn.session.execute(
+            sa.text(
+                "SELECT CONNECTION_ID(), @@tx_isolation, @@innodb_lock_wait_timeout,"
+                " @@max_statement_time"
+            )
+        ).one()
+    )
+
+
+def test_isolation_and_timeouts_apply_per_block(make_app: Any) -> None:
+    """A block's isolation level and timeouts hold inside it; the next block, on the same
+    connection (a pool of one), has the server's again."""
+    app, txn = make_app(TXN_ENGINE_OPTIONS={"pool_size": 1, "max_overflow": 0})
+
+    @atomic(isolation="SERIALIZABLE", statement_timeout=0.25, lock_timeout=0.5)
+    def strict() -> tuple[Any, ...]:
+        return session_settings(txn)
+
+    @atomic
+    def plain() -> tuple[Any, ...]:
+        return session_settings(txn)
+
+    with app.app_context():
+        before, inside, after = plain(), strict(), plain()
+    # lock_timeout in whole seconds, rounded up; the server's is 2 (tests/mariadb.py).
+    assert inside[1:] == ("SERIALIZABLE", 1, 0.25)
+    assert before == after
+    assert (after[0], after[1:]) == (inside[0], ("REPEATABLE-READ", 2, 0.0))
+
+
+def test_a_block_statement_timeout_ends_the_statement_and_is_not_retried(
+    make_app: Any,
+) -> None:
+    """MariaDB's max_statement_time ends the slow statement (1969); the same statement would
+    only time out again, so it is not re-run."""
+    app, txn = make_app(TXN_RETRY_SLEEP=lambda _: None)
+    attempts = Attempts()
+
+    @atomic(statement_timeout=0.05, retry_on=sa.exc.OperationalError)
+    def slow() -> None:
+        attempts.first()
+        txn.session.execute(sa.text("SELECT SLEEP(5) FROM item"))
+
+    with app.app_context():
+        with atomic():
+            txn.session.add(Item(id=1))
+        with pytest.raises(sa.exc.OperationalError) as raised:
+            slow()
+    assert (sqlstate_of(raised.value), attempts.total) == ("1969", 1)
+
+
+def test_a_block_lock_timeout_bounds_the_wait(bank: Any) -> None:
+    """``lock_timeout`` becomes innodb_lock_wait_timeout for the block: 1 s, not the server's."""
+    app, txn = bank
+    with app.app_context():
+        engine = sa.create_engine(txn.engine.url)
+    try:
+        with engine.connect() as other:
+            other.execute(sa.select(Item.id).where(Item.id == 1).with_for_update())
+
+            @atomic(lock_timeout=1)
+            def update() -> None:
+                txn.session.execute(sa.update(Item).where(Item.id == 1).values(value=5))
+
+            with app.app_context(), pytest.raises(sa.exc.OperationalError) as raised:
+                update()
+            other.rollback()
+    finally:
+        engine.dispose()
+    assert sqlstate_of(raised.value) == "1205"
+
+
+def test_statement_timeout_on_mysql_is_refused(make_app: Any, monkeypatch: Any) -> None:
+    """MySQL (not MariaDB) bounds only SELECT statements: a block's statement_timeout is
+    refused there, naming the argument. (The suite's server is MariaDB: the dialect is
+    told otherwise.)"""
+    app, txn = make_app()
+    with app.app_context():
+        txn.engine.connect().close()
+        monkeypatch.setattr(txn.engine.dialect, "is_mariadb", False)
+        with (
+            pytest.raises(ConfigError, match=r"'statement_timeout' is 0\.5, but MySQL has no"),
+            atomic(statement_timeout=0.5),
+        ):
+            raise AssertionError("must not run")
