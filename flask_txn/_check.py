@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import os
+from typing import Any
 
 from sqlalchemy import pool, text
 from sqlalchemy.engine import URL, Connection, Engine
