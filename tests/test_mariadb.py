@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from examples.bank import load
 from flask_txn import (
     ConfigError,
     TransactionAbortedError,
@@ -28,7 +27,15 @@ from flask_txn import (
 )
 
 from .conftest import Attempts, Item
-from .test_conflicts import TIMEOUT, deadlock, retries_of, run_concurrently, values
+from .test_conflicts import (  # noqa: F401 (bank: a fixture)
+    TIMEOUT,
+    bank,
+    deadlock,
+    retries_of,
+    run_concurrently,
+    values,
+)
+from .test_example_bank import assert_load_reconciles
 
 
 @pytest.fixture(params=["pymysql", "mysqlclient"])
@@ -48,15 +55,6 @@ def with_session(statement: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def bank(make_app: Any) -> Any:
-    """An app whose retries never wait, with two rows at value 0."""
-    app, txn = make_app(TXN_RETRY_SLEEP=lambda _: None)
-    with app.app_context(), atomic():
-        txn.session.add_all([Item(id=1, name="a"), Item(id=2, name="b")])
-    return app, txn
-
-
-@pytest.fixture
 def nowait_bank(make_app: Any) -> Any:
     """Like ``bank``, but a lock conflict fails at once with 1205."""
     app, txn = make_app(
@@ -68,10 +66,9 @@ def nowait_bank(make_app: Any) -> Any:
     return app, txn
 
 
-@pytest.fixture
-def row_1_locked(nowait_bank: Any) -> Iterator[None]:
-    """Another client holds row 1's lock while the test runs."""
-    app, txn = nowait_bank
+@contextlib.contextmanager
+def row_1_held(app: Any, txn: Any) -> Iterator[None]:
+    """Another client holds row 1's lock inside the ``with`` block."""
     with app.app_context():
         engine = sa.create_engine(txn.engine.url)
     try:
@@ -83,7 +80,14 @@ def row_1_locked(nowait_bank: Any) -> Iterator[None]:
         engine.dispose()
 
 
-def test_deadlock_is_retried_and_reported_as_its_number(bank: Any) -> None:
+@pytest.fixture
+def row_1_locked(nowait_bank: Any) -> Iterator[None]:
+    """Another client holds row 1's lock while the test runs."""
+    with row_1_held(*nowait_bank):
+        yield
+
+
+def test_deadlock_is_retried_and_reported_as_its_number(bank: Any) -> None:  # noqa: F811
     """Real 1213: the victim is re-run, both updates count, and the signal's sqlstate is
     the error number with either driver (PyMySQL used to give its SQLSTATE, 40001)."""
     app, txn = bank
@@ -185,7 +189,7 @@ def test_a_lock_wait_timeout_in_a_nested_block_rolls_back_that_block_only(
     assert values(app, txn) == {1: 0, 2: 7}
 
 
-def test_a_caught_deadlock_commits_nothing(bank: Any) -> None:
+def test_a_caught_deadlock_commits_nothing(bank: Any) -> None:  # noqa: F811
     """InnoDB rolls the deadlock victim's whole transaction back: a ``with`` block (which
     cannot re-run) that catches 1213 raises it instead of committing what came after."""
     app, txn = bank
@@ -262,10 +266,10 @@ def test_isolation_and_timeouts_apply_per_block(make_app: Any) -> None:
         return session_settings(txn)
 
     with app.app_context():
-        before, inside, after = plain(), strict(), plain()
+        before, inside, again, after = plain(), strict(), strict(), plain()
     # lock_timeout in whole seconds, rounded up; the server's is 2 (tests/mariadb.py).
     assert inside[1:] == ("SERIALIZABLE", 1, 0.25)
-    assert before == after
+    assert (again, before) == (inside, after)
     assert (after[0], after[1:]) == (inside[0], ("REPEATABLE-READ", 2, 0.0))
 
 
@@ -290,24 +294,16 @@ def test_a_block_statement_timeout_ends_the_statement_and_is_not_retried(
     assert (sqlstate_of(raised.value), attempts.total) == ("1969", 1)
 
 
-def test_a_block_lock_timeout_bounds_the_wait(bank: Any) -> None:
+def test_a_block_lock_timeout_bounds_the_wait(bank: Any) -> None:  # noqa: F811
     """``lock_timeout`` becomes innodb_lock_wait_timeout for the block: 1 s, not the server's."""
     app, txn = bank
-    with app.app_context():
-        engine = sa.create_engine(txn.engine.url)
-    try:
-        with engine.connect() as other:
-            other.execute(sa.select(Item.id).where(Item.id == 1).with_for_update())
 
-            @atomic(lock_timeout=1)
-            def update() -> None:
-                txn.session.execute(sa.update(Item).where(Item.id == 1).values(value=5))
+    @atomic(lock_timeout=1)
+    def update() -> None:
+        txn.session.execute(sa.update(Item).where(Item.id == 1).values(value=5))
 
-            with app.app_context(), pytest.raises(sa.exc.OperationalError) as raised:
-                update()
-            other.rollback()
-    finally:
-        engine.dispose()
+    with row_1_held(app, txn), app.app_context(), pytest.raises(sa.exc.OperationalError) as raised:
+        update()
     assert sqlstate_of(raised.value) == "1205"
 
 
@@ -349,9 +345,4 @@ def test_the_bank_load_reconciles_on_mariadb(
     """examples/bank/load.py, 8 clients and copies of keys, against the bank on MariaDB:
     every check of the script passes (the balances reconcile with the ledger, the total
     never changes, no key applied twice)."""
-    database = bank_database.render_as_string(hide_password=False)
-    argv = ["--database", database, "--requests", "200", "--threads", "8"]
-    status = load.main([*argv, "--endpoint", endpoint, "--seed", "3"])
-    output = capsys.readouterr().out
-    assert status == 0, output
-    assert "FAILED" not in output
+    assert_load_reconciles(bank_database.render_as_string(hide_password=False), endpoint, capsys)
