@@ -22,6 +22,7 @@ from flask_txn import (
     atomic,
     register_error_handlers,
     sqlstate_of,
+    testing,
     transaction_committed,
     transaction_retrying,
 )
@@ -36,6 +37,9 @@ from .test_conflicts import (  # noqa: F401 (bank: a fixture)
     values,
 )
 from .test_example_bank import assert_load_reconciles
+
+# The plugin is off in this suite (pyproject.toml): borrow the fixture used here.
+txn_faults = testing.txn_faults
 
 
 @pytest.fixture(params=["pymysql", "mysqlclient"])
@@ -346,3 +350,27 @@ def test_the_bank_load_reconciles_on_mariadb(
     every check of the script passes (the balances reconcile with the ledger, the total
     never changes, no key applied twice)."""
     assert_load_reconciles(bank_database.render_as_string(hide_password=False), endpoint, capsys)
+
+
+@pytest.mark.parametrize("code", ["1213", "1020"])
+def test_txn_faults_injects_mariadb_errors(
+    make_app: Any, txn_faults: testing.Faults, code: str
+) -> None:
+    """The pytest plugin's txn_faults has MariaDB raise each retriable error for real (SIGNAL):
+    the driver's own exception, retried once, then committed."""
+    app, txn = make_app(TXN_RETRY_SLEEP=lambda _: None)
+    payloads: list[Any] = []
+
+    def retrying(_: Any, **payload: Any) -> None:
+        payloads.append((type(payload["error"].orig).__module__, payload["sqlstate"]))
+
+    @atomic
+    def add() -> None:
+        txn.session.add(Item(id=1))
+
+    txn_faults.fail_next(1, code=code)
+    with transaction_retrying.connected_to(retrying), app.app_context():
+        add()
+    assert [code for _, code in payloads] == [code]
+    assert payloads[0][0].split(".")[0] in ("pymysql", "MySQLdb")
+    assert values(app, txn) == {1: 0}
