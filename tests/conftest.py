@@ -118,7 +118,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     too, unless they choose their engines themselves (a parametrize mark, or a
     module's own ``database_url`` fixture)."""
     chosen = hasattr(metafunc.module, "database_url") or any(
-        "database_url" in str(mark.args[0])
+        "database_url" in str(mark.args[0] if mark.args else mark.kwargs.get("argnames"))
         for mark in metafunc.definition.iter_markers("parametrize")
     )
     if metafunc.definition.get_closest_marker("every_engine") and (
