@@ -43,10 +43,15 @@ class Savepoint:
         if exc is None:
             try:
                 self.nested.commit()
-                return
             except BaseException:
                 self._rollback()
                 raise
+            # Released: what a MySQL lock error undid in here is the enclosing level's now.
+            depth = len(self.attempt.savepoints)
+            self.attempt.lock_failures = [
+                (min(level, depth), error) for level, error in self.attempt.lock_failures
+            ]
+            return
         self._rollback()
 
     async def __aenter__(self) -> None:

@@ -193,6 +193,27 @@ def test_a_lock_wait_timeout_in_a_nested_block_rolls_back_that_block_only(
     assert values(app, txn) == {1: 0, 2: 7}
 
 
+def test_a_lock_wait_timeout_caught_inside_a_released_nested_block_commits_nothing(
+    nowait_bank: Any, row_1_locked: None
+) -> None:
+    """Caught inside a nested block that then ends normally (RELEASE), the 1205 belongs to
+    the enclosing block: a later nested block's rollback does not undo it."""
+    app, txn = nowait_bank
+
+    @atomic
+    def careless() -> None:
+        with atomic():
+            txn.session.execute(sa.update(Item).where(Item.id == 2).values(value=7))
+            with contextlib.suppress(sa.exc.OperationalError):
+                txn.session.execute(sa.update(Item).where(Item.id == 1).values(value=7))
+        with contextlib.suppress(LookupError), atomic():
+            raise LookupError
+
+    with app.app_context(), pytest.raises(TransactionAbortedError, match="1205"):
+        careless()
+    assert values(app, txn) == {1: 0, 2: 0}
+
+
 def test_a_caught_deadlock_commits_nothing(bank: Any) -> None:  # noqa: F811
     """InnoDB rolls the deadlock victim's whole transaction back: a ``with`` block (which
     cannot re-run) that catches 1213 raises it instead of committing what came after."""
