@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import os
+from typing import Any
 
 from sqlalchemy import pool, text
 from sqlalchemy.engine import URL, Connection, Engine
@@ -107,7 +108,11 @@ def _isolation(settings: Settings, server: _Server) -> str:
 
 
 def _driver(engine: Engine) -> str:
-    version = getattr(engine.dialect.dbapi, "__version__", "")
+    dbapi: Any = engine.dialect.dbapi
+    # PyMySQL's __version__ is the mysqlclient version it stands in for.
+    version = getattr(dbapi, "VERSION_STRING", None) or getattr(dbapi, "__version__", "")
+    if not version and hasattr(dbapi, "version_info"):  # mysqlclient
+        version = ".".join(str(part) for part in dbapi.version_info[:3])
     return f"{engine.dialect.driver} {str(version).split(' ')[0]}".strip()
 
 

@@ -22,9 +22,11 @@ def obstacle(
     registry: ScopedRegistry[Session] | None,
     with_block: bool,
     last_error: BaseException | None,
+    lock_failures: list[tuple[int, BaseException]],
 ) -> BaseException | None:
     """What stops ``session``'s transaction ``root`` from committing, if anything: a
-    mistake in the block, a fault the pytest plugin injects, or an aborted transaction."""
+    mistake in the block, a fault the pytest plugin injects, an aborted transaction,
+    or a MySQL lock error that undid one of its statements (``lock_failures``)."""
     if registry is not None and not (registry.has() and registry() is session):
         kind = "a 'with atomic()' block" if with_block else "an atomic block"
         return UsageError(
@@ -52,6 +54,19 @@ def obstacle(
             " wrap the failing statement in a nested 'atomic' block (a savepoint)."
         )
         error.__cause__ = last_error
+        return error
+    if lock_failures:
+        # InnoDB undid the statement alone: COMMIT would keep the rest without it.
+        cause = lock_failures[0][1]
+        error = TransactionAbortedError(
+            f"MySQL error {sqlstate_of(cause)} (a lock wait timeout or NOWAIT) undid one"
+            " statement of this transaction, but the function caught it and returned"
+            " normally. InnoDB rolled back that statement alone, so committing would keep"
+            " the rest of the block without it: nothing was committed. Let the error"
+            " propagate, or wrap the statement in a nested 'atomic' block (a savepoint)"
+            " to carry on without it."
+        )
+        error.__cause__ = cause
         return error
     return None
 

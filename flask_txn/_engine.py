@@ -45,6 +45,19 @@ _PACKAGES = {
     "pyodbc": "pyodbc",
 }
 
+#: Drivers refused, by dialect+driver name: why flask-txn cannot keep its promises
+#: with them. Checked before the driver is imported.
+_UNSUPPORTED = {
+    "postgresql+pg8000": (
+        "its errors carry no SQLSTATE that flask-txn reads, so serialization failures"
+        " and deadlocks would not be retried, and it applies an isolation level with"
+        " SET SESSION CHARACTERISTICS and COMMIT, outside the transaction (behind a"
+        " pooler such as PgBouncer, blocks then run at another client's level)"
+    ),
+}
+#: What to use instead of a refused driver.
+_INSTEAD = "'postgresql+psycopg://...' (psycopg 3) or 'postgresql+psycopg2://...'"
+
 #: Sync drivers whose own package also speaks asyncio under the same URL.
 _SAME_DRIVER_ASYNC = frozenset({"postgresql+psycopg"})
 #: psycopg 3's driver names, sync and async.
@@ -71,6 +84,7 @@ os.register_at_fork(after_in_child=_dispose_after_fork)
 
 def make_engine(settings: Settings) -> Engine:
     """Create the app's engine with flask-txn's per-dialect defaults under the user's options."""
+    check_driver("TXN_DATABASE_URI", settings.url)
     options = _timeouts.engine_options(
         settings.url,
         settings.timeouts,
@@ -93,6 +107,16 @@ def make_engine(settings: Settings) -> Engine:
     _timeouts.set_per_transaction(engine, settings.timeouts.statement)
     _ENGINES.add(engine)
     return engine
+
+
+def check_driver(key: str, url: URL) -> None:
+    """Refuse a driver that lacks what flask-txn needs (see :doc:`/deployments`)."""
+    name = f"{url.get_backend_name()}+{url.get_driver_name()}"
+    if name in _UNSUPPORTED:
+        raise ConfigError(
+            f"{key!r} uses the driver {name!r}, which flask-txn does not support:"
+            f" {_UNSUPPORTED[name]}. Use {_INSTEAD}."
+        )
 
 
 def missing_driver(key: str, url: URL, exc: ImportError) -> ConfigError:

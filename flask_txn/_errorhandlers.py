@@ -36,7 +36,13 @@ from werkzeug.exceptions import (
 from werkzeug.wrappers import Response
 
 from ._errors import AmbiguousCommitError, ConfigError
-from ._retry import is_disconnect, is_retryable, sqlstate_of
+from ._retry import (
+    STATEMENT_ROLLED_BACK,
+    STATEMENT_TIMEOUTS,
+    is_disconnect,
+    is_retryable,
+    sqlstate_of,
+)
 
 log = logging.getLogger("flask_txn")
 
@@ -48,8 +54,9 @@ _UNAVAILABLE = frozenset(
     {"57P01", "57P02", "57P03", "53300", "2002", "2003", "2006", "2013", "1040"}
 )
 #: Statement and lock timeouts: PostgreSQL's query_canceled (statement_timeout)
-#: and lock_not_available (lock_timeout, NOWAIT); MySQL's lock wait timeout.
-_TIMEOUT = frozenset({"57014", "55P03", "1205"})
+#: and lock_not_available (lock_timeout, NOWAIT); MySQL's and MariaDB's statement
+#: timeouts and lock errors (lock wait timeout, NOWAIT).
+_TIMEOUT = STATEMENT_TIMEOUTS | {"55P03"} | STATEMENT_ROLLED_BACK
 _HANDLED = (OperationalError, PoolTimeoutError, AmbiguousCommitError)
 #: The HTML page of each status flask-txn answers with.
 _PAGES: dict[int, type[HTTPException]] = {

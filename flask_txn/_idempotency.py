@@ -11,7 +11,9 @@ The rules, per request that carries the header (``Idempotency-Key`` by default):
   same transaction, so that both commit, or neither;
 - the same key still being handled by another transaction: ``409`` with
   ``Retry-After`` (PostgreSQL, by an advisory lock; SQLite runs one writing
-  transaction at a time, so there the second request finds the first's answer).
+  transaction at a time, and on MySQL and MariaDB the copy's insert of the key
+  waits for the first's transaction, so there the second request finds the
+  first's answer).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import sqlalchemy as sa
 from flask import current_app, has_request_context, request
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
@@ -60,7 +62,10 @@ idempotency_keys = sa.Table(
     sa.Column("fingerprint", sa.String(64), nullable=False),
     sa.Column("status", sa.Integer, nullable=False),
     sa.Column("headers", sa.JSON, nullable=False),
-    sa.Column("body", sa.LargeBinary, nullable=False),
+    # MySQL's BLOB, LargeBinary's type there, holds 64 KiB: LONGBLOB holds any body.
+    sa.Column(
+        "body", sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb"), nullable=False
+    ),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
@@ -71,7 +76,8 @@ own, ``idempotency_keys.metadata``: give that to Alembic beside your models'."""
 #: is the body's own.
 _NOT_STORED = frozenset({"set-cookie", "content-length"})
 #: The databases where the rules above hold, as tested.
-_DIALECTS = ("postgresql", "sqlite")
+_DIALECTS = ("postgresql", "sqlite", "mysql", "mariadb")
+_MYSQL = ("mysql", "mariadb")
 
 
 @overload
@@ -230,7 +236,12 @@ def _claim_key(req: _Request) -> Any:
     if claimed is not None:
         return claimed
     # The key was stored before.
-    stored = session.execute(sa.select(idempotency_keys).where(this_key)).one()
+    stored_row = sa.select(idempotency_keys).where(this_key)
+    if req.dialect in _MYSQL:
+        # InnoDB's plain SELECT reads the transaction's snapshot, which may predate
+        # the commit that stored the key: a locking read sees the committed row.
+        stored_row = stored_row.with_for_update(read=True)
+    stored = session.execute(stored_row).one()
     if _aware(stored.expires_at) > req.now:
         return _replay(req, stored)
     session.execute(sa.update(idempotency_keys).where(this_key).values(**claim))
@@ -268,7 +279,12 @@ def _claim(session: Session, dialect: str, claim: dict[str, Any], this_key: Any)
         insert = postgresql.insert(idempotency_keys).values(**claim).on_conflict_do_nothing()
         ctid = session.execute(insert.returning(sa.literal_column("ctid"))).scalar()
         return None if ctid is None else sa.text("ctid = CAST(:ctid AS tid)").bindparams(ctid=ctid)
-    added = sqlite.insert(idempotency_keys).values(**claim).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        added: Any = sqlite.insert(idempotency_keys).values(**claim).on_conflict_do_nothing()
+    else:
+        # MySQL, MariaDB: a copy of a key another transaction claimed waits here
+        # until that one ends, then is ignored if it committed (or claims the key).
+        added = sa.insert(idempotency_keys).values(**claim).prefix_with("IGNORE")
     if session.execute(added).rowcount == 0:  # type: ignore[attr-defined]
         return None
     return this_key
@@ -358,14 +374,23 @@ def purge_idempotency_keys(*, batch_size: int = 1000) -> int:
         )
     engine = app_state(user="'purge_idempotency_keys' was used").engine
     now = datetime.datetime.now(datetime.UTC)
-    expired = (
-        sa.select(idempotency_keys.c.scope, idempotency_keys.c.key)
-        .where(idempotency_keys.c.expires_at <= now)
-        .limit(batch_size)
-    )
-    batch = sa.delete(idempotency_keys).where(
-        sa.tuple_(idempotency_keys.c.scope, idempotency_keys.c.key).in_(expired)
-    )
+    is_expired = idempotency_keys.c.expires_at <= now
+    if engine.dialect.name in _MYSQL:
+        # MySQL and MariaDB refuse LIMIT in an IN subquery, but have DELETE ... LIMIT.
+        batch = (
+            sa.delete(idempotency_keys)
+            .where(is_expired)
+            .with_dialect_options(mysql_limit=batch_size)
+        )
+    else:
+        expired = (
+            sa.select(idempotency_keys.c.scope, idempotency_keys.c.key)
+            .where(is_expired)
+            .limit(batch_size)
+        )
+        batch = sa.delete(idempotency_keys).where(
+            sa.tuple_(idempotency_keys.c.scope, idempotency_keys.c.key).in_(expired)
+        )
     total = 0
     while True:
         with engine.begin() as connection:

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.orm import Session
 
 from ._errors import UsageError
-from ._retry import is_retryable, sqlstate_of, timed_out
+from ._retry import STATEMENT_ROLLED_BACK, is_retryable, sqlstate_of, timed_out
 from ._session import IN_FAILED_TRANSACTION
 from ._transaction import Attempt, current, current_on
 
@@ -19,7 +19,9 @@ def record_error(context: ExceptionContext) -> None:
     """``handle_error`` listener: remember database errors of the open attempt.
 
     User code may catch a serialization failure and carry on; PostgreSQL would
-    then turn COMMIT into a silent ROLLBACK. Recording here lets the block see it.
+    then turn COMMIT into a silent ROLLBACK. Recording here lets the block see it,
+    and a MySQL lock error that undid one statement (which the block must not
+    commit without), with the savepoint depth it happened at.
     A connection that could not be made (refused, the server starting up or
     shutting down) dooms the attempt too: nothing was sent, so running it again
     is safe, and the server may be back by then.
@@ -28,9 +30,12 @@ def record_error(context: ExceptionContext) -> None:
     if attempt is None or context.engine is not attempt.engine or context.is_pre_ping:
         return
     error = context.sqlalchemy_exception or context.original_exception
+    code = sqlstate_of(error)
     # "In failed transaction" follows the error that aborted it: keep that one.
-    if sqlstate_of(error) != IN_FAILED_TRANSACTION:
+    if code != IN_FAILED_TRANSACTION:
         attempt.last_error = error
+    if code in STATEMENT_ROLLED_BACK:
+        attempt.lock_failures.append((len(attempt.savepoints), error))
     reconnect = context.connection is None and _may_reconnect(attempt)
     if attempt.first_retriable_error is None and (
         (context.is_disconnect and not timed_out(error)) or reconnect or is_retryable(error)

@@ -39,6 +39,18 @@ _MODES: dict[str, tuple[bool, bool]] = {
     "key share": (True, True),
 }
 _ALLOWED_MODES = ", ".join(repr(mode) for mode in _MODES)
+_MYSQL_NO_ADVISORY = (
+    " MySQL's and MariaDB's GET_LOCK locks belong to the connection, not the"
+    " transaction, so the pool would keep them past the block: lock a row that"
+    " stands for the resource with lock_rows() instead."
+)
+#: Why a database has no advisory lock of a transaction, and what to do instead.
+_NO_ADVISORY = {
+    "sqlite": " On SQLite a writer already excludes every other writer: start the block"
+    " with a write, or use lock_rows() and @atomic's retries.",
+    "mysql": _MYSQL_NO_ADVISORY,
+    "mariadb": _MYSQL_NO_ADVISORY,
+}
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
@@ -90,8 +102,12 @@ def lock_rows(
     :param ids: primary key values; tuples of values for a composite primary key.
     :param mode: the lock strength: ``"no key update"`` (the default),
         ``"update"``, ``"share"`` or ``"key share"``, as PostgreSQL's ``FOR ...``.
+        MySQL and MariaDB have two strengths: the first two lock ``FOR UPDATE``
+        (which also makes an insert of a row referencing a locked one wait),
+        the last two ``LOCK IN SHARE MODE`` (``FOR SHARE`` on MySQL 8).
     :param nowait: fail with the database's lock-not-available error (SQLSTATE
-        ``55P03`` on PostgreSQL) instead of waiting for a row another transaction holds.
+        ``55P03`` on PostgreSQL, ``1205`` on MariaDB, ``3572`` on MySQL) instead
+        of waiting for a row another transaction holds.
     :param skip_locked: leave out rows another transaction holds instead of waiting.
     :return: the locked objects or rows keyed by primary key value (a tuple for a
         composite key) as loaded, in primary-key order.
@@ -308,8 +324,7 @@ def _advisory(name: str, key: str | int, *, shared: bool, wait: bool) -> bool:
     if dialect != "postgresql":
         raise UsageError(
             f"{name!r} needs PostgreSQL's advisory locks; the database is {dialect!r}."
-            " On SQLite a writer already excludes every other writer: start the block"
-            " with a write, or use lock_rows() and @atomic's retries."
+            + _NO_ADVISORY.get(dialect, _NO_ADVISORY["sqlite"])
         )
     result = session.scalar(xact_lock(number, shared=shared, wait=wait))
     # pg_advisory_xact_lock returns void (None); the try variants a boolean.

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -26,7 +26,7 @@ from ._config import (
 from ._engine import SQLITE_BEGIN
 from ._errors import ConfigError, NestingError, UsageError
 from ._session import JOINED
-from ._timeouts import check_seconds, milliseconds
+from ._timeouts import BLOCK_TIMEOUT_DIALECTS, check_seconds, set_block_timeouts
 
 #: ``atomic()``'s default for an argument not given: the app's config decides.
 UNSET: Any = object()
@@ -43,7 +43,7 @@ OVERRIDES = (
 )
 #: Arguments that shape the retry loop: only an outermost decorated function has one.
 RETRY_ARGUMENTS = frozenset({"retries", "wait_initial", "wait_max", "deadline", "retry_on"})
-_POSTGRESQL_ONLY = ("readonly", "deferrable", "statement_timeout", "lock_timeout")
+_POSTGRESQL_ONLY = ("readonly", "deferrable")
 
 
 class Arguments:
@@ -187,6 +187,14 @@ def _check_dialect(engine: Engine, options: Options) -> None:
                     f"{name}={value!r} needs PostgreSQL; the database is {dialect!r}."
                     f" Remove {name!r} for this database."
                 )
+    if dialect not in BLOCK_TIMEOUT_DIALECTS:
+        for name in ("statement_timeout", "lock_timeout"):
+            value = getattr(options, name)
+            if value:
+                raise ConfigError(
+                    f"{name}={value!r} needs PostgreSQL, MariaDB or MySQL; the database is"
+                    f" {dialect!r}. Remove {name!r} for this database."
+                )
 
 
 def check_nested(block: Arguments, outer: Options) -> None:
@@ -246,10 +254,5 @@ def apply(session: Session, options: Options) -> None:
                 " session is bound to a connection whose transaction already began."
             )
         session.connection(execution_options=execution_options)
-    for setting, seconds in (
-        ("statement_timeout", options.statement_timeout),
-        ("lock_timeout", options.lock_timeout),
-    ):
-        if seconds is not None:
-            # A validated integer literal: SET takes no bound parameters.
-            session.execute(text(f"SET LOCAL {setting} = {milliseconds(seconds)}"))
+    if options.statement_timeout is not None or options.lock_timeout is not None:
+        set_block_timeouts(session, options.statement_timeout, options.lock_timeout)

@@ -15,7 +15,9 @@ database                      code                        where the driver has i
 PostgreSQL, CockroachDB       ``40001`` serialization     psycopg2 ``pgcode``,
                               failure, ``40P01`` deadlock psycopg 3 / asyncpg
                                                           ``sqlstate``
-MySQL, MariaDB                ``1213`` deadlock           ``args[0]`` / ``errno``
+MySQL, MariaDB                ``1213`` deadlock, ``1020`` ``args[0]`` / ``errno``
+                              record changed (snapshot
+                              isolation)
 SQLite                        ``SQLITE_BUSY*``,           ``sqlite_errorname``
                               ``SQLITE_LOCKED*``
 any                           connection lost before      SQLAlchemy's
@@ -23,7 +25,14 @@ any                           connection lost before      SQLAlchemy's
 ============================  ==========================  =====================
 
 Never retried: a statement that a timeout flask-txn enforces ended (``57014``,
-or a connection the read watchdog cut), see :func:`timed_out`.
+or a connection the read watchdog cut), see :func:`timed_out`; nor MySQL's lock
+wait timeout (``1205``), like PostgreSQL's ``55P03``: see
+:data:`STATEMENT_ROLLED_BACK`.
+
+MySQL errors are identified by their error number, whatever the driver: PyMySQL
+also gives a SQLSTATE (``40001`` for a deadlock, ``HY000`` for most others),
+mysqlclient does not, so :func:`sqlstate_of` returns the number (``"1213"``)
+for both.
 """
 
 from __future__ import annotations
@@ -38,9 +47,18 @@ from sqlalchemy.exc import DBAPIError
 
 from ._config import RetryOn, RetryPolicy
 
-_RETRIABLE_CODES = frozenset({"40001", "40P01", "1213"})
+_RETRIABLE_CODES = frozenset({"40001", "40P01", "1213", "1020"})
+#: MySQL/MariaDB errors after which InnoDB rolled back the failed statement, not
+#: the transaction: the lock wait timeout (1205; also MariaDB's NOWAIT) and
+#: MySQL's NOWAIT (3572). Not retried; a block that catches one outside a nested
+#: block does not commit (``_commit.obstacle``), as on PostgreSQL, which aborts
+#: the whole transaction.
+STATEMENT_ROLLED_BACK = frozenset({"1205", "3572"})
 #: SQLSTATE of a statement cancelled: by its statement timeout, or by a cancel request.
 QUERY_CANCELED = "57014"
+#: Statements a server's statement timeout ended: PostgreSQL's (and its cancel
+#: requests), MariaDB's max_statement_time (1969), MySQL's max_execution_time (3024).
+STATEMENT_TIMEOUTS = frozenset({QUERY_CANCELED, "1969", "3024"})
 #: Attribute set (True) on a driver error raised because the read watchdog cut the connection.
 WATCHDOG_MARK = "flask_txn_read_timeout"
 _RETRIABLE_SQLITE = ("SQLITE_BUSY", "SQLITE_LOCKED")
@@ -64,23 +82,32 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _driver_code(error: BaseException) -> str | None:
-    for attribute in ("pgcode", "sqlstate", "sqlite_errorname"):
-        code = getattr(error, attribute, None)
-        if isinstance(code, str):
-            return code
     if type(error).__module__.partition(".")[0] in _MYSQL_DRIVERS:
+        # The error number, never PyMySQL's sqlstate: mysqlclient has none.
         code = getattr(error, "errno", None)
         if code is None and error.args:
             code = error.args[0]
         if isinstance(code, int) and not isinstance(code, bool):
             return str(code)
+        return None
+    for attribute in ("pgcode", "sqlstate", "sqlite_errorname"):
+        code = getattr(error, attribute, None)
+        if isinstance(code, str):
+            return code
     return None
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
     """The SQLSTATE or driver error code behind ``exc``, as a string, or None.
 
+    PostgreSQL's SQLSTATE (``"40001"``), SQLite's extended error name
+    (``"SQLITE_BUSY"``), MySQL's and MariaDB's error number (``"1213"``) whatever
+    the driver.
+
     :param exc: any exception; SQLAlchemy's wrappers and ``__cause__`` are followed.
+
+    .. versionchanged:: 0.2.0
+       A MySQL error gives its number through PyMySQL too, not PyMySQL's SQLSTATE.
     """
     for error in _chain(exc):
         code = _driver_code(error)
@@ -119,12 +146,13 @@ def is_retryable(exc: BaseException) -> bool:
 
 def timed_out(exc: BaseException) -> bool:
     """True if a timeout flask-txn enforces ended the statement: the read watchdog
-    cut its connection, or it was cancelled (57014, its statement timeout).
+    cut its connection, or it was cancelled (57014, its statement timeout; on
+    MariaDB and MySQL, 1969 and 3024).
 
     Such an attempt is never re-run, whatever ``retry_on`` says: the same slow
     statement would run out of time again, each time adding its load.
     """
-    return sqlstate_of(exc) == QUERY_CANCELED or any(
+    return sqlstate_of(exc) in STATEMENT_TIMEOUTS or any(
         getattr(error, WATCHDOG_MARK, False) is True for error in _chain(exc)
     )
 

@@ -43,10 +43,15 @@ class Savepoint:
         if exc is None:
             try:
                 self.nested.commit()
-                return
             except BaseException:
                 self._rollback()
                 raise
+            # Released: what a MySQL lock error undid in here is the enclosing level's now.
+            depth = len(self.attempt.savepoints)
+            self.attempt.lock_failures = [
+                (min(level, depth), error) for level, error in self.attempt.lock_failures
+            ]
+            return
         self._rollback()
 
     async def __aenter__(self) -> None:
@@ -64,6 +69,9 @@ class Savepoint:
             self.nested.rollback()
         # Work undone here will never commit: neither will what it registered.
         attempt.callbacks = [entry for entry in attempt.callbacks if self not in entry[0]]
+        # Statements a MySQL lock error undid in here are undone with the rest.
+        depth = len(attempt.savepoints)
+        attempt.lock_failures = [entry for entry in attempt.lock_failures if entry[0] <= depth]
 
 
 def on_commit(func: Callable[[], object], *, robust: bool = False) -> None:

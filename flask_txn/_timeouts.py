@@ -30,6 +30,8 @@ from typing import Any
 
 from sqlalchemy import Connection, event, pool
 from sqlalchemy.engine import URL, Engine
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import PoolResetState
 
 from ._errors import ConfigError
 
@@ -42,6 +44,11 @@ READ_MARGIN = 1.0
 _LIBPQ_MIN_CONNECT = 2
 #: TCP keepalive probes sent before the connection is declared dead.
 _KEEPALIVE_COUNT = 3
+#: The pooled connection's ``info`` key: the MySQL session variables a block set,
+#: reset to the server's values when the connection returns to the pool.
+_SESSION_VARIABLES = "flask_txn.session_variables"
+#: Databases where a block's ``statement_timeout`` and ``lock_timeout`` apply.
+BLOCK_TIMEOUT_DIALECTS = ("postgresql", "mysql", "mariadb")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -266,3 +273,58 @@ def set_per_transaction(engine: Engine, seconds: float | None) -> None:
             connection.exec_driver_sql(statement)
 
     event.listen(engine, "begin", begin)
+
+
+def set_block_timeouts(session: Session, statement: float | None, lock: float | None) -> None:
+    """Apply an outermost block's ``statement_timeout`` and ``lock_timeout`` (seconds) to
+    its transaction, as its first statements.
+
+    PostgreSQL: ``SET LOCAL``, which ends with the transaction. MySQL and MariaDB
+    have no ``SET LOCAL``: ``SET SESSION innodb_lock_wait_timeout`` (whole seconds,
+    rounded up) and MariaDB's ``max_statement_time``, which the pool's reset puts
+    back to the server's values (``DEFAULT``) when the connection returns to it.
+
+    :raises ConfigError: ``statement_timeout`` on MySQL, whose ``max_execution_time``
+        bounds only ``SELECT`` statements.
+    """
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        for setting, seconds in (("statement_timeout", statement), ("lock_timeout", lock)):
+            if seconds is not None:
+                # A validated integer literal: SET takes no bound parameters.
+                connection.exec_driver_sql(f"SET LOCAL {setting} = {milliseconds(seconds)}")
+        return
+    assignments: dict[str, str] = {}
+    if lock is not None:
+        assignments["innodb_lock_wait_timeout"] = str(max(1, math.ceil(lock)))
+    if statement is not None:
+        if not getattr(connection.dialect, "is_mariadb", False):
+            raise ConfigError(
+                f"'statement_timeout' is {statement!r}, but MySQL has no timeout for every"
+                " statement of a transaction (its max_execution_time bounds only SELECT)."
+                " Remove 'statement_timeout' on MySQL (MariaDB and PostgreSQL have it), or"
+                " bound a query with MySQL's /*+ MAX_EXECUTION_TIME(ms) */ hint."
+            )
+        assignments["max_statement_time"] = f"{statement:.6f}"
+    engine = connection.engine
+    if not event.contains(engine, "reset", _reset_session_variables):
+        event.listen(engine, "reset", _reset_session_variables)
+    connection.connection.info[_SESSION_VARIABLES] = tuple(assignments)
+    # Validated numbers, never user text.
+    connection.exec_driver_sql(
+        "SET SESSION " + ", ".join(f"{name} = {value}" for name, value in assignments.items())
+    )
+
+
+def _reset_session_variables(
+    dbapi_connection: Any, record: pool.ConnectionPoolEntry | None, state: PoolResetState
+) -> None:
+    """Pool ``reset`` listener: put back the session variables a block set. An error
+    here makes the pool discard the connection, so no later user inherits them."""
+    names = record.info.pop(_SESSION_VARIABLES, ()) if record is not None else ()
+    if names and not state.terminate_only and state.asyncio_safe:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SET SESSION " + ", ".join(f"{name} = DEFAULT" for name in names))
+        finally:
+            cursor.close()

@@ -90,6 +90,7 @@ class Attempt:
         "engine",
         "first_retriable_error",
         "last_error",
+        "lock_failures",
         "number",
         "options",
         "registry",
@@ -141,6 +142,8 @@ class Attempt:
         self.first_retriable_error: BaseException | None = None
         #: the last database error seen, to explain an aborted transaction.
         self.last_error: BaseException | None = None
+        #: (savepoint depth, error) of MySQL errors that undid one statement only.
+        self.lock_failures: list[tuple[int, BaseException]] = []
         #: the session's transaction that :meth:`begin` began.
         self.root: Any = None
         #: the attempt is committing ``root`` itself (any other commit is a mistake).
@@ -277,6 +280,7 @@ class Attempt:
             registry=self.registry,
             with_block=self.options.policy is None,
             last_error=self.last_error,
+            lock_failures=self.lock_failures,
         )
         if error is not None:
             return error

@@ -261,10 +261,16 @@ def _ended(
         span.add_event("flask_txn.transaction", {**summary, ELAPSED: payload["elapsed"], **failure})
 
 
+def _system(dialect: Any) -> str:
+    """``db.system.name`` of a dialect: MariaDB's through a ``mysql://`` URL too."""
+    name = "mariadb" if getattr(dialect, "is_mariadb", False) else dialect.name
+    return SYSTEMS.get(name, "other_sql")
+
+
 def _common(payload: dict[str, Any]) -> Attributes:
     """The attributes of every metric: the database, the endpoint and the isolation level."""
     attributes: Attributes = {
-        DB_SYSTEM_NAME: SYSTEMS.get(payload["session"].bind.dialect.name, "other_sql"),
+        DB_SYSTEM_NAME: _system(payload["session"].bind.dialect),
         # Always set, so that a block's summary on a span replaces the one before.
         ISOLATION: payload["isolation"] or "default",
     }

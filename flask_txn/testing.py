@@ -50,7 +50,14 @@ __all__ = [
 NO_ROLLBACK = "txn_no_rollback"
 
 #: Codes :meth:`Faults.fail_next` can make each database raise for real.
-FAULT_CODES = {"postgresql": ("40001", "40P01"), "sqlite": ("SQLITE_LOCKED",)}
+FAULT_CODES = {
+    "postgresql": ("40001", "40P01"),
+    "sqlite": ("SQLITE_LOCKED",),
+    "mysql": ("1213", "1020"),
+    "mariadb": ("1213", "1020"),
+}
+#: The SQLSTATE MariaDB and MySQL send with each of their fault codes.
+_MYSQL_SQLSTATES = {"1213": "40001", "1020": "HY000"}
 
 # Transaction control that flask-txn and SQLAlchemy emit: not the app's queries.
 _CONTROL = re.compile(r"\s*(BEGIN|SAVEPOINT|RELEASE SAVEPOINT|ROLLBACK TO SAVEPOINT)\b", re.I)
@@ -227,7 +234,8 @@ class Faults:
 
         The database itself raises the error, so the driver's exception has its
         real shape: PostgreSQL raises SQLSTATE ``code`` (``"40001"``, the
-        default, or ``"40P01"``); SQLite raises ``SQLITE_LOCKED`` ("database
+        default, or ``"40P01"``); MariaDB error ``code`` (``"1213"``, the
+        default, or ``"1020"``); SQLite raises ``SQLITE_LOCKED`` ("database
         table is locked"), provoked on the transaction's own connection.
 
         :param times: how many transactions fail (each attempt counts).
@@ -265,8 +273,14 @@ def _raise_from_database(session: Session, code: str | None) -> None:
             f"DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE ="
             " 'injected by flask_txn.testing'; END $$"
         )
-    else:
+    elif dialect == "sqlite":
         _raise_sqlite_locked(connection)
+    else:
+        # MariaDB raises it (SIGNAL outside a stored program): validated literals.
+        connection.exec_driver_sql(
+            f"SIGNAL SQLSTATE '{_MYSQL_SQLSTATES[code]}' SET MYSQL_ERRNO = {code},"
+            " MESSAGE_TEXT = 'injected by flask_txn.testing'"
+        )
 
 
 def _raise_sqlite_locked(connection: Connection) -> None:

@@ -1,7 +1,7 @@
-"""Fixtures: a throwaway PostgreSQL server, apps on SQLite and PostgreSQL, test models.
+"""Fixtures: throwaway PostgreSQL and MariaDB servers, apps on each engine, test models.
 
-``FLASK_TXN_TEST_POSTGRESQL`` set to a SQLAlchemy URL makes the suite use that
-server instead of starting one.
+``FLASK_TXN_TEST_POSTGRESQL`` (``FLASK_TXN_TEST_MARIADB``) set to a SQLAlchemy
+URL makes the suite use that server instead of starting one.
 """
 
 from __future__ import annotations
@@ -22,14 +22,18 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_txn import FlaskTxn, _transaction, idempotency_keys
 
-from . import pgserver
+from . import mariadb, pgserver
 
 POSTGRESQL_ENV = "FLASK_TXN_TEST_POSTGRESQL"
+MARIADB_ENV = "FLASK_TXN_TEST_MARIADB"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """A run ended by SIGTERM (``timeout``, a CI limit) stops like one ended by Ctrl-C:
     pytest then tears its fixtures down, and the servers they started stop too."""
+    config.addinivalue_line(
+        "markers", "every_engine: run the test's database_url on MariaDB too (conftest.ENGINES)"
+    )
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -73,9 +77,62 @@ def sqlite_url(tmp_path: Any) -> str:
     return f"sqlite:///{tmp_path / 'test.db'}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(scope="session")
+def mariadb_url() -> Iterator[str]:
+    """A MariaDB server for the whole session, through PyMySQL: the user's, or one started here."""
+    url = os.environ.get(MARIADB_ENV)
+    if url:
+        yield url
+        return
+    with mariadb.running() as server:
+        yield server.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def mysqlclient_url(mariadb_url: str) -> str:
+    """The MariaDB server through mysqlclient (MySQLdb), which CI installs (see CONTRIBUTING)."""
+    try:
+        import MySQLdb  # noqa: F401
+    except ImportError:
+        message = (
+            "No 'mysqlclient' for the MariaDB tests through it: apt-get install"
+            " default-libmysqlclient-dev pkg-config build-essential, then"
+            " .venv/bin/pip install mysqlclient."
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message + " CI must run them: .ci/run installs it.")
+        pytest.skip(message)
+    return sa.make_url(mariadb_url).set(drivername="mysql+mysqldb").render_as_string(False)
+
+
+#: Every engine the suite runs; the database_url fixture runs the first two by default.
+ENGINES = ("sqlite", "postgresql", "mariadb")
+#: Mark a test (or a module, as ``pytestmark``) whose behaviour holds on MariaDB too:
+#: its tests that use ``database_url`` run on every engine.
+every_engine = pytest.mark.every_engine
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run the tests marked :data:`every_engine` that use ``database_url`` on MariaDB
+    too, unless they choose their engines themselves (a parametrize mark, or a
+    module's own ``database_url`` fixture)."""
+    chosen = hasattr(metafunc.module, "database_url") or any(
+        "database_url" in str(mark.args[0] if mark.args else mark.kwargs.get("argnames"))
+        for mark in metafunc.definition.iter_markers("parametrize")
+    )
+    if metafunc.definition.get_closest_marker("every_engine") and (
+        "database_url" in metafunc.fixturenames and not chosen
+    ):
+        metafunc.definition.add_marker(
+            pytest.mark.parametrize("database_url", ENGINES, indirect=True)
+        )
+
+
+@pytest.fixture(params=ENGINES[:2])
 def database_url(request: pytest.FixtureRequest) -> str:
-    """Each engine in turn, for behaviour that must hold on both."""
+    """Each engine in turn, for behaviour that must hold on both (on all three
+    with :data:`every_engine`)."""
     return str(request.getfixturevalue(f"{request.param}_url"))
 
 

@@ -23,7 +23,9 @@ from flask_txn import (
     on_commit,
 )
 
-from .conftest import Item, count_items
+from .conftest import Item, count_items, every_engine
+
+pytestmark = every_engine
 
 
 def names(app: Any, txn: Any) -> list[str]:

@@ -351,8 +351,15 @@ TABLE = [
         "uri-driver-missing",
         ConfigError,
         "init_app",
-        arrange=_config_on("mysql://app@127.0.0.1:1/app"),
-        says=("'TXN_DATABASE_URI'", "'mysql'", "not installed", "pip install mysqlclient"),
+        arrange=_config_on("oracle+oracledb://app@127.0.0.1:1/app"),
+        says=("'TXN_DATABASE_URI'", "'oracle+oracledb'", "not installed", "pip install oracledb"),
+    ),
+    Row(
+        "uri-driver-unsupported",
+        ConfigError,
+        "init_app",
+        arrange=_config_on("postgresql+pg8000://app@127.0.0.1:1/app"),
+        says=("'TXN_DATABASE_URI'", "'postgresql+pg8000'", "no SQLSTATE", "postgresql+psycopg"),
     ),
     Row(
         "async-uri-driver-missing",
@@ -534,6 +541,12 @@ TABLE = [
         ConfigError,
         "entering the block",
         "test_atomic.py::test_options_sqlite_cannot_honour",
+    ),
+    Row(
+        "statement-timeout-on-mysql",
+        ConfigError,
+        "entering the block",
+        "test_mariadb.py::test_statement_timeout_on_mysql_is_refused",
     ),
     Row(
         "deferrable-level-in-force",

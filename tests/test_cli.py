@@ -339,3 +339,21 @@ def test_pgbouncer_refusing_the_users_options_fails(run_check: Check, postgresql
         result.stderr
     )
     assert "so it is in your 'options' (URL or 'connect_args'). Remove it" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url_fixture", "driver"), [("mariadb_url", "pymysql 1."), ("mysqlclient_url", "mysqldb 2.")]
+)
+def test_report_on_mariadb(
+    run_check: Check, request: pytest.FixtureRequest, url_fixture: str, driver: str
+) -> None:
+    """On MariaDB: the driver's own version (PyMySQL's __version__ is mysqlclient's),
+    named MariaDB (not MySQL), REPEATABLE READ by default."""
+    result = run_check(request.getfixturevalue(url_fixture), TXN_RETRY_DEADLINE=5)
+    assert result.exit_code == 0, result.output
+    facts = dict(line.split("  ", 1) for line in result.stdout.splitlines()[:-1])
+    facts = {name.strip(): value.strip() for name, value in facts.items()}
+    assert facts["driver"].startswith(driver)
+    assert facts["server"].startswith("MariaDB 10.")
+    assert facts["isolation"] == "REPEATABLE READ (the database's default)"
+    assert result.stdout.splitlines()[-1].startswith("ok: the database answers")

@@ -16,7 +16,9 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from flask_txn import FlaskTxn
 
-from .conftest import AppFactory, Item
+from .conftest import AppFactory, Item, every_engine
+
+pytestmark = every_engine
 
 #: Requests in flight at once; below the pool's 5 + 10 overflow connections.
 REQUESTS = 8

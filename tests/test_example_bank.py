@@ -474,6 +474,18 @@ def test_readme_demo_command_finds_the_app(tmp_path: Path) -> None:
 # -- the load script ------------------------------------------------------------------
 
 
+def assert_load_reconciles(
+    database: str, endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run the load script in process against the bank on ``database`` (a URL with its
+    password), 200 transfers from 8 clients to ``endpoint``: every check passes."""
+    argv = ["--database", database, "--requests", "200", "--threads", "8"]
+    status = load.main([*argv, "--endpoint", endpoint, "--seed", "3"])
+    output = capsys.readouterr().out
+    assert status == 0, output
+    assert "FAILED" not in output
+
+
 def test_load_script_checks_pass_over_http(served: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Concurrent transfers over HTTP, duplicates included: every check of the script passes."""
     status = load.main([served, "--requests", "60", "--threads", "4", "--seed", "1"])

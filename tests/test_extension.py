@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session, scoped_session
 from flask_txn import ConfigError, FlaskTxn, PendingWritesError, UsageError
 from flask_txn._config import DEFAULTS
 
-from .conftest import AppFactory, Base, Item, count_items
+from .conftest import AppFactory, Base, Item, count_items, every_engine
+
+pytestmark = every_engine
 
 #: A URL with a password, for messages only: nothing connects to it.
 SECRET_URL = "postgresql+psycopg2://user:s3cret@127.0.0.1:1/db"

@@ -30,8 +30,10 @@ from flask_txn import (
     transaction_committed,
 )
 
-from .conftest import Attempts, Item
+from .conftest import Attempts, Item, every_engine
 from .test_async import async_app  # noqa: F401 (a fixture)
+
+pytestmark = every_engine
 
 TIMEOUT = 30
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -187,7 +189,8 @@ def test_a_retried_attempt_stores_the_key_once(
 
 def test_a_copy_that_arrives_while_the_first_runs(shop: Any, database_url: str) -> None:
     """PostgreSQL: 409 with Retry-After while the first holds the key, then its answer.
-    SQLite runs one writer at a time: the copy waits and gets the first's answer."""
+    SQLite runs one writer at a time, and MariaDB's insert of the key waits for the
+    first's: the copy waits and gets the first's answer."""
     app, txn, runs = shop
     inside, release = threading.Event(), threading.Event()
 
@@ -230,6 +233,29 @@ def test_a_copy_that_arrives_while_the_first_runs(shop: Any, database_url: str) 
         "true",
     )
     assert (len(runs), count(app, txn, Item.__table__)) == (1, 1)
+
+
+def test_a_large_response_is_replayed_whole(shop: Any) -> None:
+    """A body larger than MySQL's BLOB (64 KiB) is stored and replayed byte for byte."""
+    app, _txn, runs = shop
+
+    @app.post("/report")
+    @atomic
+    @idempotent
+    def report() -> Any:
+        runs.append(1)
+        return {"lines": [f"line {n}" for n in range(20_000)]}
+
+    def send() -> Any:
+        return app.test_client().post("/report", headers={"Idempotency-Key": "big"})
+
+    first, again = send(), send()
+    assert len(first.get_data()) > 200_000
+    assert (again.get_data(), again.headers["Idempotent-Replayed"], len(runs)) == (
+        first.get_data(),
+        "true",
+        1,
+    )
 
 
 def test_an_expired_key_runs_again_and_is_purged(shop: Any) -> None:

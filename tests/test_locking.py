@@ -42,12 +42,26 @@ from flask_txn import (
     try_advisory_lock,
 )
 
-from .conftest import AppFactory, Attempts, Item
+from .conftest import AppFactory, Attempts, Item, every_engine
+
+pytestmark = every_engine
 
 TIMEOUT = 10
 ROUNDS = 50
 
 on_postgresql = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+#: The databases with row locks.
+on_servers = pytest.mark.parametrize("database_url", ["postgresql", "mariadb"], indirect=True)
+on_mariadb = pytest.mark.parametrize("database_url", ["mariadb"], indirect=True)
+#: The error of a lock not granted at once (NOWAIT), by dialect.
+LOCKED = {"postgresql": "55P03", "mysql": "1205", "mariadb": "1205"}
+#: The clause that locks a row with each strength, on MySQL and MariaDB.
+MYSQL_CLAUSES = {
+    "update": "FOR UPDATE",
+    "no key update": "FOR UPDATE",
+    "share": "LOCK IN SHARE MODE",
+    "key share": "LOCK IN SHARE MODE",
+}
 on_sqlite = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
@@ -116,6 +130,8 @@ def outside(locking_app: App) -> Iterator[sa.Engine]:
     connect_args: dict[str, Any] = {"options": f"-c lock_timeout={TIMEOUT}s"}
     if url.get_backend_name() == "sqlite":
         connect_args = {"timeout": TIMEOUT}
+    elif url.get_backend_name() != "postgresql":
+        connect_args = {}  # the server's innodb_lock_wait_timeout (tests/mariadb.py) bounds waits
     engine = sa.create_engine(url, connect_args=connect_args)
     yield engine
     engine.dispose()
@@ -131,12 +147,15 @@ def nowait_lock(engine: sa.Engine, item_id: int, strength: str = "update") -> st
     """Lock item ``item_id`` ``FOR <strength> NOWAIT`` from another transaction, then release it.
 
     Returns None if the lock was granted, else the SQLSTATE of the error
-    (``55P03`` when another transaction holds a conflicting lock).
+    (:data:`LOCKED` when another transaction holds a conflicting lock).
     """
+    clause = f"FOR {strength.upper()}"
+    if engine.dialect.name != "postgresql":
+        clause = MYSQL_CLAUSES[strength]
     with engine.connect() as connection:
         try:
             connection.execute(
-                sa.text(f"SELECT id FROM item WHERE id = :id FOR {strength.upper()} NOWAIT"),
+                sa.text(f"SELECT id FROM item WHERE id = :id {clause} NOWAIT"),
                 {"id": item_id},
             )
         except sa.exc.OperationalError as exc:
@@ -383,35 +402,66 @@ def test_lock_mode_conflicts_as_postgresql_documents(
     assert blocked == CONFLICTS[mode]
 
 
-@on_postgresql
-@pytest.mark.parametrize(("mode", "insert_waits"), [(None, False), ("update", True)])
-def test_default_mode_lets_rows_referencing_the_locked_row_be_inserted(
-    locking_app: App, outside: sa.Engine, mode: Any, insert_waits: bool
+#: MySQL's and MariaDB's two strengths: what each mode keeps others from taking.
+MYSQL_CONFLICTS = {
+    "key share": {"update", "no key update"},
+    "share": {"update", "no key update"},
+    "no key update": set(CONFLICTS),
+    "update": set(CONFLICTS),
+}
+
+
+@on_mariadb
+@pytest.mark.parametrize("mode", list(MYSQL_CONFLICTS))
+def test_lock_modes_on_mariadb_are_its_two_strengths(
+    locking_app: App, outside: sa.Engine, mode: Any
 ) -> None:
-    """The default, FOR NO KEY UPDATE, lets others insert rows with a foreign key to the locked
-    row; FOR UPDATE makes them wait."""
+    """MariaDB has FOR UPDATE and LOCK IN SHARE MODE: each mode takes the nearest one that
+    is at least as strong, so it blocks at least what it blocks on PostgreSQL."""
+    app, _ = locking_app
+    with app.app_context(), atomic():
+        lock_rows(Item, [1], mode=mode)
+        blocked = {probe for probe in CONFLICTS if nowait_lock(outside, 1, probe) == "1205"}
+    assert blocked == MYSQL_CONFLICTS[mode]
+    assert blocked >= CONFLICTS[mode]
+
+
+@on_servers
+@pytest.mark.parametrize("mode", [None, "update"])
+def test_default_mode_lets_rows_referencing_the_locked_row_be_inserted(
+    locking_app: App, outside: sa.Engine, mode: Any
+) -> None:
+    """On PostgreSQL the default, FOR NO KEY UPDATE, lets others insert rows with a foreign
+    key to the locked row, and FOR UPDATE makes them wait. MariaDB has no such lock: both
+    are FOR UPDATE, and the insert waits (InnoDB checks the key with a shared lock)."""
     app, txn = locking_app
     with app.app_context():
+        dialect = txn.engine.dialect.name
         with atomic():
             txn.session.add(Account(id=1))
         with atomic():
             lock_rows(Account, [1], **({} if mode is None else {"mode": mode}))
             with outside.connect() as connection:
-                connection.exec_driver_sql("SET lock_timeout = '50ms'")
+                if dialect == "postgresql":
+                    connection.exec_driver_sql("SET lock_timeout = '50ms'")
+                else:
+                    connection.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 0")
                 error = None
                 try:
                     connection.execute(sa.insert(Entry).values(id=1, account_id=1))
                 except sa.exc.OperationalError as exc:
                     error = sqlstate_of(exc)
                 connection.rollback()
-    assert error == ("55P03" if insert_waits else None)
+    insert_waits = mode == "update" or dialect != "postgresql"
+    assert error == (LOCKED[dialect] if insert_waits else None)
 
 
-@on_postgresql
+@on_servers
 def test_nowait_fails_at_once_on_a_row_another_transaction_holds(
     locking_app: App, outside: sa.Engine
 ) -> None:
-    """``nowait=True`` raises the lock-not-available error (55P03) instead of waiting."""
+    """``nowait=True`` raises the lock-not-available error (55P03; MariaDB's 1205, its lock
+    wait timeout) instead of waiting."""
     app, _ = locking_app
     with outside.begin() as holder:
         holder.execute(sa.select(Item.id).where(Item.id == 2).with_for_update())
@@ -421,10 +471,10 @@ def test_nowait_fails_at_once_on_a_row_another_transaction_holds(
             atomic(),
         ):
             lock_rows(Item, [1, 2], nowait=True)
-    assert sqlstate_of(raised.value) == "55P03"
+    assert sqlstate_of(raised.value) == LOCKED[outside.dialect.name]
 
 
-@on_postgresql
+@on_servers
 def test_skip_locked_leaves_out_rows_another_transaction_holds(
     locking_app: App, outside: sa.Engine
 ) -> None:
@@ -436,29 +486,38 @@ def test_skip_locked_leaves_out_rows_another_transaction_holds(
             assert list(lock_rows(Item, [1, 2, 3], skip_locked=True)) == [1, 3]
 
 
-@on_postgresql
+@on_servers
 def test_row_locks_last_until_the_block_ends(locking_app: App, outside: sa.Engine) -> None:
     """Rows stay locked for the whole block and are free after it commits."""
     app, _ = locking_app
     with app.app_context():
         with atomic():
             lock_rows(Item, [1])
-            assert nowait_lock(outside, 1) == "55P03"
+            assert nowait_lock(outside, 1) == LOCKED[outside.dialect.name]
         assert nowait_lock(outside, 1) is None
 
 
-@on_postgresql
+@on_servers
 def test_row_locks_taken_in_a_rolled_back_savepoint_are_released(
     locking_app: App, outside: sa.Engine
 ) -> None:
-    """A nested block that rolls back releases the locks taken in it; the outer ones stay."""
+    """A nested block that rolls back releases the locks taken in it on PostgreSQL; the
+    outer ones stay. InnoDB keeps them until the transaction ends (MariaDB's pitfall)."""
     app, _ = locking_app
+    locked = LOCKED[outside.dialect.name]
     with app.app_context(), atomic():
         lock_rows(Item, [1])
         with pytest.raises(LookupError), atomic():
             lock_rows(Item, [2])
             raise LookupError
-        assert (nowait_lock(outside, 1), nowait_lock(outside, 2)) == ("55P03", None)
+        after = (nowait_lock(outside, 1), nowait_lock(outside, 2))
+    assert after == (locked, None if locked == "55P03" else locked)
+
+
+@on_mariadb
+def test_opposite_orders_through_lock_rows_never_deadlock_on_mariadb(locking_app: App) -> None:
+    """InnoDB locks the rows of ``lock_rows``' primary-key range scan in key order too."""
+    test_opposite_orders_through_lock_rows_never_deadlock(locking_app)
 
 
 # -- lock_rows: SQLite ----------------------------------------------------------
@@ -991,19 +1050,27 @@ def test_string_key_names_the_same_lock_in_another_process(
     assert advisory_holders(outside, key) == []
 
 
-@on_sqlite
+@pytest.mark.parametrize(
+    ("database_url", "instead"),
+    [("sqlite", "start the block with a write"), ("mariadb", "belong to the connection")],
+    indirect=["database_url"],
+)
 @pytest.mark.parametrize("name", ["advisory_lock", "try_advisory_lock"])
-def test_advisory_locks_need_postgresql(locking_app: App, name: str) -> None:
-    """On SQLite the advisory lock functions are refused with the database named."""
-    app, _ = locking_app
+def test_advisory_locks_need_postgresql(locking_app: App, name: str, instead: str) -> None:
+    """On SQLite and MariaDB the advisory lock functions are refused with the database
+    named and what to do instead (MariaDB's GET_LOCK outlives the transaction)."""
+    app, txn = locking_app
+    with app.app_context():
+        dialect = txn.engine.dialect.name
     with (
         app.app_context(),
         atomic(),
         pytest.raises(
             UsageError,
             match=re.escape(
-                f"{name!r} needs PostgreSQL's advisory locks; the database is 'sqlite'."
-            ),
+                f"{name!r} needs PostgreSQL's advisory locks; the database is {dialect!r}."
+            )
+            + f".*{instead}",
         ),
     ):
         LOCKERS[name]()

@@ -21,6 +21,10 @@ from sqlalchemy.orm import (
 from flask_txn import FlaskTxn, NPlusOneError, atomic
 from flask_txn._nplusone import Guard
 
+from .conftest import every_engine
+
+pytestmark = every_engine
+
 
 class Model(DeclarativeBase):
     pass

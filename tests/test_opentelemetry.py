@@ -28,14 +28,16 @@ from flask_txn import UsageError, atomic, idempotent, on_commit, testing
 from flask_txn import opentelemetry as txn_otel
 from flask_txn.opentelemetry import instrument, uninstrument
 
-from .conftest import Item, count_items
+from .conftest import Item, count_items, every_engine
 from .test_async import fails_once
+
+pytestmark = every_engine
 
 # The plugin is off in this suite (pyproject.toml): borrow the fixture used here.
 txn_faults = testing.txn_faults
 
 #: The retriable error txn_faults makes each database raise by default.
-FAULT = {"postgresql": "40001", "sqlite": "SQLITE_LOCKED"}
+FAULT = {"postgresql": "40001", "sqlite": "SQLITE_LOCKED", "mariadb": "1213"}
 
 
 class Conflict(Exception):
@@ -122,8 +124,10 @@ def key(**attributes: Any) -> frozenset[tuple[str, Any]]:
 
 
 def system(app: Flask, txn: Any) -> str:
+    """The db.system.name expected: MariaDB's through its mysql:// URL too."""
     with app.app_context():
-        return str(txn.engine.dialect.name)
+        dialect = txn.engine.dialect
+        return "mariadb" if getattr(dialect, "is_mariadb", False) else str(dialect.name)
 
 
 def serve_flaky(app: Flask, txn: Any, then: Callable[[], object] = lambda: None) -> Flask:

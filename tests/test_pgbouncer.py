@@ -17,12 +17,12 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
-from examples.bank import load
 from flask_txn import FlaskTxn, atomic, sqlstate_of
 
 from . import pgbouncer
 from .conftest import Attempts, Item
 from .test_conflicts import TIMEOUT, deadlock, retries_of, run_concurrently, values
+from .test_example_bank import assert_load_reconciles
 
 #: Concurrent clients for the prepared statements test, and blocks each runs.
 CLIENTS, BLOCKS = 8, 40
@@ -255,8 +255,4 @@ def test_the_bank_load_reconciles_through_pgbouncer(
     reconcile with the ledger, the total never changes, no key applied twice)."""
     with pgbouncer.running(bank_database) as url:
         database = url.set(drivername=f"postgresql+{driver}").render_as_string(False)
-        argv = ["--database", database, "--requests", "200", "--threads", "8"]
-        status = load.main([*argv, "--endpoint", endpoint, "--seed", "3"])
-    output = capsys.readouterr().out
-    assert status == 0, output
-    assert "FAILED" not in output
+        assert_load_reconciles(database, endpoint, capsys)

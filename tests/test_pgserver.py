@@ -1,4 +1,4 @@
-"""The suite's own PostgreSQL server stops with the run, however the run ends."""
+"""The suite's own PostgreSQL and MariaDB servers stop with the run, however the run ends."""
 
 from __future__ import annotations
 
@@ -8,16 +8,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from . import mariadb
+
 ROOT = Path(__file__).resolve().parent.parent
 #: The child run's test: it starts the server, says so, and waits.
 CHILD = Path(__file__).with_name("childrun.py")
 TIMEOUT = 60
 
 
-def test_a_terminated_run_stops_its_server() -> None:
+@pytest.mark.parametrize("server", ["postgresql", "mariadb"])
+def test_a_terminated_run_stops_its_server(server: str) -> None:
     """SIGTERM to a pytest run (what `timeout` and CI limits send) stops the PostgreSQL
-    server the run started, as Ctrl-C does."""
-    env = {k: v for k, v in os.environ.items() if k != "FLASK_TXN_TEST_POSTGRESQL"}
+    (MariaDB) server the run started, as Ctrl-C does."""
+    test = "test_waits_for_its_parent"
+    if server == "mariadb":
+        mariadb._binary("mariadbd")  # skipped (failed on CI) without it, as the child would be
+        test = "test_mariadb_waits_for_its_parent"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FLASK_TXN_TEST_POSTGRESQL", "FLASK_TXN_TEST_MARIADB")
+    }
     child = subprocess.Popen(
         [
             sys.executable,
@@ -30,7 +43,7 @@ def test_a_terminated_run_stops_its_server() -> None:
             "--no-cov",
             "-p",
             "no:randomly",
-            str(CHILD),
+            f"{CHILD}::{test}",
         ],
         cwd=ROOT,
         env=env,
@@ -42,8 +55,7 @@ def test_a_terminated_run_stops_its_server() -> None:
         assert child.stdout is not None
         line = next((line for line in child.stdout if line.startswith("SERVER ")), "")
         assert line, "the child run ended before its server started"
-        data = Path(line.split()[1])
-        postmaster = int((data / "postmaster.pid").read_text().split()[0])
+        postmaster = int(Path(line.split()[1]).read_text().split()[0])
         child.send_signal(signal.SIGTERM)
         child.communicate(timeout=TIMEOUT)
     finally:

@@ -549,13 +549,18 @@ def test_sqlite_busy_error_shape_is_retriable(tmp_path: Any) -> None:
     assert is_retryable(constraint.value) is False
 
 
-def mysql_error(module: str, code: int, *, errno: bool = False) -> Exception:
-    """An error shaped like a MySQL driver's (no MySQL server here): code in args or errno."""
+def mysql_error(
+    module: str, code: int, *, errno: bool = False, sqlstate: str | None = None
+) -> Exception:
+    """An error shaped like a MySQL driver's, for the drivers and codes the suite's
+    MariaDB (test_mariadb.py) does not give: code in args or errno, PyMySQL's sqlstate."""
     error_class = type("OperationalError", (Exception,), {"__module__": module})
     error = error_class(code, "message")
     if errno:
         error.errno = code  # type: ignore[attr-defined]
         error.args = ("message",)
+    if sqlstate is not None:
+        error.sqlstate = sqlstate  # type: ignore[attr-defined]
     return error
 
 
@@ -567,11 +572,36 @@ def mysql_error(module: str, code: int, *, errno: bool = False) -> Exception:
         (mysql_error("mysql.connector.errors", 1213, errno=True), True),
         (mysql_error("pymysql.err", 1062), False),
         (mysql_error("somewhere.else", 1213), False),
+        (mysql_error("mysql.connector.errors", 1020, errno=True), True),
+        (mysql_error("pymysql.err", 1205, sqlstate="HY000"), False),
+        (mysql_error("MySQLdb._exceptions", 3572), False),
     ],
 )
 def test_mysql_deadlock_code_is_retriable(error: Exception, retriable: bool) -> None:
-    """MySQL/MariaDB error 1213 is retriable whichever driver reports it."""
+    """MySQL/MariaDB errors 1213 and 1020 are retriable whichever driver reports them;
+    the lock wait timeout 1205 and MySQL's NOWAIT error 3572 are not."""
     assert is_retryable(sa.exc.OperationalError("UPDATE", {}, error)) is retriable
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        mysql_error("pymysql.err", 1213, sqlstate="40001"),
+        mysql_error("MySQLdb._exceptions", 1213),
+        mysql_error("mysql.connector.errors", 1213, errno=True, sqlstate="40001"),
+    ],
+)
+def test_a_mysql_error_is_known_by_its_number_whatever_the_driver(error: Exception) -> None:
+    """One convention for MySQL errors: the number, never the SQLSTATE that only some
+    drivers give (PyMySQL's 40001 for a deadlock)."""
+    assert sqlstate_of(sa.exc.OperationalError("UPDATE", {}, error)) == "1213"
+
+
+def test_a_mysql_error_without_a_number_has_no_code() -> None:
+    """A MySQL driver's error that carries no number (a driver-side error) gives None."""
+    error = mysql_error("pymysql.err", 0)
+    error.args = ("no number",)
+    assert sqlstate_of(error) is None
 
 
 def test_lost_connection_is_retriable_and_has_no_sqlstate(postgresql_url: str) -> None:

@@ -19,7 +19,9 @@ from flask_txn import (
     transaction_rolled_back,
 )
 
-from .conftest import Item, count_items
+from .conftest import Item, count_items, every_engine
+
+pytestmark = every_engine
 
 SIGNALS = {
     "committed": transaction_committed,

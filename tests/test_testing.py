@@ -96,14 +96,14 @@ def app():
 """
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def inner(request: pytest.FixtureRequest, pytester: pytest.Pytester, monkeypatch: Any) -> Any:
-    """A pytester whose test modules get an ``app`` on SQLite or PostgreSQL."""
+    """A pytester whose test modules get an ``app`` on SQLite, PostgreSQL or MariaDB."""
     if request.param == "sqlite":
         url = f"sqlite:///{pytester.path / 'inner.db'}"
         monkeypatch.setenv("INNER_OTHER_LEVEL", "READ UNCOMMITTED")
     else:
-        url = str(request.getfixturevalue("postgresql_url"))
+        url = str(request.getfixturevalue(f"{request.param}_url"))
         monkeypatch.setenv("INNER_OTHER_LEVEL", "SERIALIZABLE")
     monkeypatch.setenv("INNER_DATABASE_URL", url)
     pytester.makeconftest(CONFTEST)
@@ -206,8 +206,9 @@ def test_injected_error_has_the_drivers_real_shape(inner: Any) -> None:
             txn_faults.fail_next(1)
             with pytest.raises(sa.exc.OperationalError) as raised:
                 atomic(retries=0)(lambda: None)()
-            assert type(raised.value.orig).__module__.split(".")[0] in ("sqlite3", "psycopg2")
-            assert sqlstate_of(raised.value) in ("40001", "SQLITE_LOCKED")
+            module = type(raised.value.orig).__module__.split(".")[0]
+            assert module in ("sqlite3", "psycopg2", "pymysql")
+            assert sqlstate_of(raised.value) in ("40001", "SQLITE_LOCKED", "1213")
             assert is_retryable(raised.value)
         """,
         passed=1,

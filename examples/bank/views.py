@@ -93,8 +93,10 @@ def transfer() -> Any:
 
 @bp.post("/transfers/locked")
 # isolation=None: the database's default level whatever TXN_ISOLATION_LEVEL says. That
-# is READ COMMITTED on PostgreSQL, where lock_rows makes transfers wait in line; on
-# SQLite, which has no row locks and no other level, it is SERIALIZABLE.
+# is READ COMMITTED on PostgreSQL, where lock_rows makes transfers wait in line; the
+# same on MariaDB and MySQL, at REPEATABLE READ, where a locking read sees the latest
+# committed balances; on SQLite, which has no row locks and no other level, it is
+# SERIALIZABLE.
 @atomic(isolation=None, retries=RETRIES)
 @idempotent
 def transfer_locked() -> Any:
@@ -148,16 +150,10 @@ def database_error(exc: DBAPIError) -> Any:
 @bp.get("/stats")
 def stats() -> Any:
     """Counters, balances and the reconciliation of every account, as JSON."""
-    credits = (
-        sa.select(sa.func.coalesce(sa.func.sum(Transfer.amount), 0))
-        .where(Transfer.target_id == Account.id)
-        .scalar_subquery()
-    )
-    debits = (
-        sa.select(sa.func.coalesce(sa.func.sum(Transfer.amount), 0))
-        .where(Transfer.source_id == Account.id)
-        .scalar_subquery()
-    )
+    # MySQL's and MariaDB's SUM of integers is a DECIMAL: cast it back to a whole number.
+    total = sa.cast(sa.func.coalesce(sa.func.sum(Transfer.amount), 0), sa.BigInteger)
+    credits = sa.select(total).where(Transfer.target_id == Account.id).scalar_subquery()
+    debits = sa.select(total).where(Transfer.source_id == Account.id).scalar_subquery()
     transfers = sa.select(sa.func.count(Transfer.id)).scalar_subquery()
     # One statement, so one snapshot: balances and ledger agree on every database.
     columns = (Account.id, Account.opening, Account.balance, credits, debits, transfers)
