@@ -27,6 +27,11 @@ def record_error(context: ExceptionContext) -> None:
     attempt = current()
     if attempt is None or context.engine is not attempt.engine or context.is_pre_ping:
         return
+    record_on(attempt, context)
+
+
+def record_on(attempt: Attempt, context: ExceptionContext) -> None:
+    """Record a database error on ``attempt``; the first retriable one dooms it."""
     error = context.sqlalchemy_exception or context.original_exception
     # "In failed transaction" follows the error that aborted it: keep that one.
     if sqlstate_of(error) != IN_FAILED_TRANSACTION:
