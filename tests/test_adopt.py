@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from flask import Flask, abort
+from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -337,6 +338,15 @@ def test_engine_keys_are_refused_with_db(sqlite_url: str) -> None:
         FlaskTxn(app, db=db)
 
 
+def test_db_without_a_default_bind_is_refused(sqlite_url: str) -> None:
+    """db= runs blocks on the default bind: an app with binds only is refused."""
+    app = Flask("binds-only")
+    app.config["SQLALCHEMY_BINDS"] = {"audit": sqlite_url}
+    db.init_app(app)
+    with pytest.raises(ConfigError, match=r"'SQLALCHEMY_DATABASE_URI' is not set.*\['audit'\]"):
+        FlaskTxn(app, db=db)
+
+
 def test_db_not_registered_is_refused(sqlite_url: str) -> None:
     """db= needs db.init_app(app) first."""
     app = Flask("unregistered")
@@ -382,10 +392,9 @@ def test_without_db_another_database_is_allowed(sqlite_url: str, tmp_path: Path)
 # -- binds ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def second_database(postgresql_url: str) -> Iterator[str]:
-    """A second database on the test server, dropped afterwards."""
-    name = f"audit_{uuid.uuid4().hex[:12]}"
+def _new_database(postgresql_url: str) -> Iterator[str]:
+    """A new database on the test server, dropped afterwards."""
+    name = f"fsa_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(postgresql_url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
@@ -395,6 +404,12 @@ def second_database(postgresql_url: str) -> Iterator[str]:
             connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
     finally:
         admin.dispose()
+
+
+@pytest.fixture
+def second_database(postgresql_url: str) -> Iterator[str]:
+    """A second database on the test server, for a second bind."""
+    yield from _new_database(postgresql_url)
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -519,3 +534,82 @@ def test_binds_on_sqlite(make_fsa_app: MakeApp, tmp_path: Path) -> None:
             both(True)
         both(False)
     assert (_count(app, Audit), _count(app, Note)) == (1, 1)
+
+
+# -- Flask-Migrate ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """Alembic's env.py configures logging from alembic.ini: put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    disabled = {
+        name: logger.disabled
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, was in disabled.items():
+        logging.getLogger(name).disabled = was
+
+
+@pytest.fixture
+def migrations_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each kind, for migrations to fill."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'migrated.db'}"
+        return
+    yield from _new_database(request.getfixturevalue("postgresql_url"))
+
+
+@pytest.mark.parametrize("migrations_url", ["sqlite", "postgresql"], indirect=True)
+# Flask-Migrate's env.py template calls db.get_engine() first, which warns.
+@pytest.mark.filterwarnings("ignore:'get_engine' is deprecated:DeprecationWarning")
+def test_flask_migrate_in_an_adopted_app(
+    migrations_url: str, tmp_path: Path, logging_restored: None
+) -> None:
+    """'flask db init', 'flask db migrate' and 'flask db upgrade' work in an app
+    where flask-txn adopted Flask-SQLAlchemy, and the migrated table serves blocks."""
+    migrate_db = SQLAlchemy(model_class=type("MigratedBase", (DeclarativeBase,), {}))
+
+    class Order(migrate_db.Model):  # type: ignore[name-defined,misc]
+        id: Mapped[int] = mapped_column(primary_key=True)
+        total: Mapped[int]
+
+    app = Flask("migrated", instance_path=str(tmp_path / "instance"))
+    app.config["SQLALCHEMY_DATABASE_URI"] = migrations_url
+    migrate_db.init_app(app)
+    FlaskTxn(app, db=migrate_db)
+    Migrate(app, migrate_db, directory=str(tmp_path / "migrations"))
+    runner = app.test_cli_runner()
+    results = [runner.invoke(args=["db", "init"])]
+    env = tmp_path / "migrations" / "env.py"
+    # Keep the app's loggers (flask_txn's among them) on: see docs/adopting.md.
+    env.write_text(
+        env.read_text().replace(
+            "fileConfig(config.config_file_name)",
+            "fileConfig(config.config_file_name, disable_existing_loggers=False)",
+        )
+    )
+    results += [
+        runner.invoke(args=["db", "migrate", "-m", "orders"]),
+        runner.invoke(args=["db", "upgrade"]),
+    ]
+    assert [(r.exit_code, r.exception) for r in results] == [(0, None)] * 3, [
+        r.output for r in results
+    ]
+
+    @atomic
+    def order() -> int:
+        migrate_db.session.add(Order(total=5))
+        return int(migrate_db.session.scalar(sa.select(sa.func.count(Order.id))) or 0)
+
+    with app.app_context():
+        try:
+            assert order() == 1
+            assert sa.inspect(migrate_db.engine).has_table("alembic_version")
+        finally:
+            migrate_db.engine.dispose()
