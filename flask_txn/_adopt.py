@@ -32,9 +32,9 @@ log = logging.getLogger("flask_txn")
 
 #: The key of ``app.extensions`` under which Flask-SQLAlchemy registers itself.
 FLASK_SQLALCHEMY_KEY = "sqlalchemy"
-#: ``session.info`` key: ``(bind key, Connection)`` of each bind other than the
-#: default that the open transaction used, in the order it first used them.
-OTHER_BINDS = "flask_txn.other_binds"
+#: ``session.info`` key: ``(bind key, Connection)`` of each bind the open
+#: transaction used, in the order it first used them (apps with binds only).
+BINDS = "flask_txn.binds"
 #: Keys that configure an engine or a session of flask-txn's own, and where the
 #: same is set for Flask-SQLAlchemy.
 _FLASK_SQLALCHEMY_EQUIVALENT = {
@@ -135,10 +135,11 @@ def adopt(app: Flask, db: Any, engines: Mapping[str | None, Engine], settings: S
         instrument(engine, settings)
     factory = adopted.factory
     track_writes(factory)
-    if not event.contains(factory, "after_begin", _track_other_binds):
-        event.listen(factory, "after_begin", _track_other_binds)
-        event.listen(factory, "after_commit", _forget_other_binds)
-        event.listen(factory, "after_rollback", _forget_other_binds)
+    # An app without binds has nothing to track: no listener, no cost per transaction.
+    if len(engines) > 1 and not event.contains(factory, "after_begin", _track_binds):
+        event.listen(factory, "after_begin", _track_binds)
+        event.listen(factory, "after_commit", _forget_binds)
+        event.listen(factory, "after_rollback", _forget_binds)
     registry = adopted.registry
     if not getattr(registry.createfunc, "claims", False):
         registry.createfunc = _claiming(registry.createfunc)
@@ -171,50 +172,44 @@ def _claiming(create: Callable[[], Session]) -> Callable[[], Session]:
     return create_claimed
 
 
-def _track_other_binds(
-    session: Session, transaction: SessionTransaction, connection: Connection
-) -> None:
-    """``after_begin``: remember each bind other than the default that a transaction uses."""
+def _track_binds(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    """``after_begin``: remember each bind a transaction uses, in the order it first does."""
     if transaction.parent is not None:
         return  # a savepoint reuses its transaction's connections
     engines = session._db.engines  # type: ignore[attr-defined]
-    if connection.engine is engines.get(None):
-        return
     key = next(key for key, engine in engines.items() if engine is connection.engine)
-    session.info.setdefault(OTHER_BINDS, []).append((key, connection))
+    session.info.setdefault(BINDS, []).append((key, connection))
 
 
-def _forget_other_binds(session: Session) -> None:
-    session.info.pop(OTHER_BINDS, None)
+def _forget_binds(session: Session) -> None:
+    session.info.pop(BINDS, None)
 
 
 def commit_binds(session: Session) -> None:
-    """``session.commit()``, with each other bind committed first, in the order
-    the transaction first used them, so that the default bind commits last.
+    """``session.commit()``; with several binds, each committed in turn, the other
+    binds in the order the transaction first used them and the default bind last.
 
     :raises PartialCommitError: a COMMIT failed after another bind's had succeeded.
     """
-    others: list[tuple[str | None, Connection]] = session.info.get(OTHER_BINDS, [])
-    if not others:
+    binds: list[tuple[str | None, Connection]] = session.info.get(BINDS, [])
+    if len(binds) < 2:
         session.commit()
         return
     committed: list[str | None] = []
-    failed: str | None = None
+    key: str | None = None
     try:
-        for failed, connection in others:
+        for key, connection in sorted(binds, key=lambda bind: bind[0] is None):
             if in_failed_transaction(connection):
                 raise TransactionAbortedError(
-                    f"A database error aborted this transaction on bind {failed!r}, but the"
-                    " function caught it and returned normally, so nothing was committed."
-                    " Let the error propagate, or wrap the failing statement in a nested"
-                    " 'atomic' block (a savepoint)."
+                    f"A database error aborted this transaction on {_bind_name(key)}, but"
+                    " the function caught it and returned normally, so nothing was"
+                    " committed. Let the error propagate, or wrap the failing statement in"
+                    " a nested 'atomic' block (a savepoint)."
                 )
-            # COMMIT as a statement: SQLAlchemy commits each bind in no set order,
-            # and its own COMMIT of this connection later finds nothing to commit.
+            # COMMIT as a statement, in this order: SQLAlchemy would commit the binds
+            # in no set order. Its own COMMIT of each, below, finds nothing left to do.
             connection.exec_driver_sql("COMMIT")
-            committed.append(failed)
-        failed = None
-        session.commit()
+            committed.append(key)
     except Exception as exc:
         if not committed:
             raise
@@ -222,18 +217,19 @@ def commit_binds(session: Session) -> None:
         log.error(
             "Partial commit: %s committed, then COMMIT on %s failed (%s).",
             names,
-            _bind_name(failed),
+            _bind_name(key),
             type(exc).__name__,
         )
         raise PartialCommitError(
             f"The block's work is partly saved: {names} committed, then COMMIT on"
-            f" {_bind_name(failed)} failed ({type(exc).__name__}: {exc}). Binds commit one"
+            f" {_bind_name(key)} failed ({type(exc).__name__}: {exc}). Binds commit one"
             " after the other, never atomically across databases, so this is not retried."
             " Make the work on the other binds idempotent, or keep a block's writes on"
             " one bind.",
             committed=committed,
-            failed=failed,
+            failed=key,
         ) from exc
+    session.commit()
 
 
 def _bind_name(key: str | None) -> str:
