@@ -72,8 +72,11 @@ class Adopted:
         return registry
 
 
-def engines_of(app: Flask, db: Any) -> dict[str | None, Engine]:
-    """The engines ``db`` made for ``app``, or an error if ``db`` is not registered on it."""
+def engines_of(app: Flask, db: Any, *, default: bool = True) -> dict[str | None, Engine]:
+    """The engines ``db`` made for ``app``, or an error if ``db`` is not registered on it.
+
+    :param default: refuse an app without a default bind (``db=`` needs one).
+    """
     if app.extensions.get(FLASK_SQLALCHEMY_KEY) is not db:
         raise UsageError(
             f"FlaskTxn(db={db!r}) was given a Flask-SQLAlchemy extension that is not"
@@ -82,7 +85,7 @@ def engines_of(app: Flask, db: Any) -> dict[str | None, Engine]:
         )
     with app.app_context():
         engines: dict[str | None, Engine] = dict(db.engines)  # type: ignore[union-attr]
-    if None not in engines:
+    if default and None not in engines:
         raise ConfigError(
             f"'SQLALCHEMY_DATABASE_URI' is not set on app {app.name!r} (only"
             f" 'SQLALCHEMY_BINDS' {sorted(map(str, engines))!r}): FlaskTxn(db=db) runs blocks on"
@@ -242,7 +245,7 @@ def refuse_second_session(app: Flask, config: Mapping[str, Any]) -> None:
     db = app.extensions.get(FLASK_SQLALCHEMY_KEY)
     if db is None:
         return
-    engines = engines_of(app, db)
+    engines = engines_of(app, db, default=False)
     uri = config.get("TXN_DATABASE_URI")
     fix = (
         " Pass the extension: 'FlaskTxn(app, db=db)' (or 'FlaskTxn(db=db)' then"
@@ -252,8 +255,7 @@ def refuse_second_session(app: Flask, config: Mapping[str, Any]) -> None:
     if uri is None:
         raise ConfigError(
             "'TXN_DATABASE_URI' is not set, and Flask-SQLAlchemy is registered on app"
-            f" {app.name!r} with 'SQLALCHEMY_DATABASE_URI'"
-            f" {hide_password(engines[None].url)!r}.{fix}"
+            f" {app.name!r} with the binds {sorted(map(str, engines))!r}.{fix}"
         )
     try:
         url = make_url(uri)

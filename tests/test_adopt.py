@@ -22,6 +22,7 @@ from flask_txn import (
     FlaskTxn,
     PartialCommitError,
     PendingWritesError,
+    TransactionAbortedError,
     UsageError,
     atomic,
     on_commit,
@@ -361,9 +362,13 @@ def test_without_db_the_same_database_is_refused(sqlite_url: str) -> None:
         FlaskTxn(app)
 
 
-def test_without_db_and_without_uri_is_refused(sqlite_url: str) -> None:
+@pytest.mark.parametrize("binds_only", [False, True], ids=["default-bind", "binds-only"])
+def test_without_db_and_without_uri_is_refused(sqlite_url: str, binds_only: bool) -> None:
     """Without db= and without TXN_DATABASE_URI, the error names db= too."""
-    app = _fsa_app(sqlite_url)
+    app = Flask("no-uri")
+    key = "SQLALCHEMY_BINDS" if binds_only else "SQLALCHEMY_DATABASE_URI"
+    app.config[key] = {"audit": sqlite_url} if binds_only else sqlite_url
+    db.init_app(app)
     with pytest.raises(ConfigError, match=r"'TXN_DATABASE_URI' is not set.*db=db"):
         FlaskTxn(app)
 
@@ -378,6 +383,50 @@ def test_without_db_a_relative_sqlite_path_is_refused(tmp_path: Path) -> None:
     db.init_app(app)
     with pytest.raises(ConfigError, match=r"'TXN_DATABASE_URI' 'sqlite:///app.db' is the database"):
         FlaskTxn(app)
+
+
+def test_an_unreadable_uri_with_db_names_both_keys(sqlite_url: str) -> None:
+    """A TXN_DATABASE_URI that is not a URL, with db=, is refused naming both keys."""
+    app = _fsa_app(sqlite_url, TXN_DATABASE_URI="not a url")
+    with pytest.raises(ConfigError, match=r"'not a url', but 'SQLALCHEMY_DATABASE_URI'"):
+        FlaskTxn(app, db=db)
+
+
+def test_without_db_an_unreadable_uri_gets_the_usual_error(sqlite_url: str) -> None:
+    """Without db=, a TXN_DATABASE_URI that is not a URL gets flask-txn's own message."""
+    app = _fsa_app(sqlite_url, TXN_DATABASE_URI="not a url")
+    with pytest.raises(ConfigError, match=r"'TXN_DATABASE_URI' .*not a url"):
+        FlaskTxn(app)
+
+
+@pytest.mark.parametrize(
+    ("fsa_url", "txn_url", "same"),
+    [
+        (
+            "postgresql+psycopg2://u@127.0.0.1:1/shop",
+            "postgresql+psycopg://u@127.0.0.1:1/shop",
+            True,
+        ),
+        ("postgresql+psycopg2://u@127.0.0.1:1/shop", "postgresql+psycopg2://u@127.0.0.1/x", False),
+        ("sqlite:///:memory:", "sqlite:///:memory:", False),
+        ("sqlite:///:memory:", "postgresql+psycopg2://u@127.0.0.1:1/shop", False),
+    ],
+    ids=["other-driver", "other-database", "memory", "other-backend"],
+)
+def test_without_db_the_same_database_whatever_the_driver(
+    fsa_url: str, txn_url: str, same: bool
+) -> None:
+    """The same server and database through another driver is the same database;
+    in-memory SQLite and other databases are not."""
+    app = _fsa_app(fsa_url, TXN_DATABASE_URI=txn_url)
+    if same:
+        with pytest.raises(ConfigError, match="second session"):
+            FlaskTxn(app)
+        return
+    txn = FlaskTxn(app)
+    with app.app_context():
+        txn.engine.dispose()
+        db.engine.dispose()
 
 
 def test_without_db_another_database_is_allowed(sqlite_url: str, tmp_path: Path) -> None:
@@ -413,21 +462,69 @@ def second_database(postgresql_url: str) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_options_apply_on_every_bind(make_fsa_app: MakeApp, second_database: str) -> None:
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (
+            {"isolation": "REPEATABLE READ", "readonly": True, "lock_timeout": 2},
+            ("repeatable read", "on", "off", "0", "2s"),
+        ),
+        (
+            {"isolation": "SERIALIZABLE", "readonly": True, "deferrable": True},
+            ("serializable", "on", "on", "0", "0"),
+        ),
+        ({"statement_timeout": 3}, ("read committed", "off", "off", "3s", "0")),
+    ],
+    ids=["isolation-readonly-lock", "deferrable", "statement-timeout"],
+)
+def test_options_apply_on_every_bind(
+    make_fsa_app: MakeApp, second_database: str, options: dict[str, Any], expected: tuple[str]
+) -> None:
     """Isolation, read-only and timeouts hold on a second bind the block touches."""
     app, _ = make_fsa_app(binds={"audit": second_database})
 
-    @atomic(isolation="REPEATABLE READ", readonly=True, lock_timeout=2)
+    @atomic(**options)
     def read() -> tuple[Any, ...]:
         Audit.query.all()
         connection = db.session.connection(bind_arguments={"bind": db.engines["audit"]})
         return tuple(
             connection.exec_driver_sql(f"SHOW {name}").scalar()
-            for name in ("transaction_isolation", "transaction_read_only", "lock_timeout")
+            for name in (
+                "transaction_isolation",
+                "transaction_read_only",
+                "transaction_deferrable",
+                "statement_timeout",
+                "lock_timeout",
+            )
         )
 
     with app.app_context():
-        assert read() == ("repeatable read", "on", "2s")
+        assert read() == expected
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_swallowed_error_on_another_bind_commits_nothing(
+    make_fsa_app: MakeApp, second_database: str
+) -> None:
+    """A caught error that aborted a second bind's transaction stops the whole commit."""
+    app, _ = make_fsa_app(binds={"audit": second_database})
+
+    @atomic
+    def swallow() -> None:
+        db.session.add_all([Note(text="n"), Audit(text="a")])
+        db.session.flush()
+        connection = db.session.connection(bind_arguments={"bind": db.engines["audit"]})
+        with contextlib.suppress(sa.exc.DBAPIError):
+            connection.exec_driver_sql("SELECT 1/0")
+
+    with app.app_context(), pytest.raises(TransactionAbortedError, match="on bind 'audit'"):
+        swallow()
+    with app.app_context(), pytest.raises(sa.exc.DataError):
+        # Outside any block, an error on another bind is not an attempt's.
+        db.session.connection(bind_arguments={"bind": db.engines["audit"]}).exec_driver_sql(
+            "SELECT 1/0"
+        )
+    assert (_count(app, Audit), _count(app, Note)) == (0, 0)
 
 
 def _deferred_unique(app: Flask, table: str, bind: str | None) -> None:
@@ -525,7 +622,11 @@ def test_binds_on_sqlite(make_fsa_app: MakeApp, tmp_path: Path) -> None:
 
     @atomic
     def both(fail: bool) -> None:
-        db.session.add_all([Note(text="n"), Audit(text="a")])
+        db.session.add(Note(text="n"))
+        db.session.flush()
+        with atomic():  # the audit bind is first used inside a savepoint
+            db.session.add(Audit(text="a"))
+            db.session.flush()
         if fail:
             abort(500)
 
