@@ -24,7 +24,8 @@ from ._transaction import current, current_on
 
 def watch_binds(factory: sessionmaker[Session], default: Engine, others: list[Engine]) -> None:
     """Apply blocks' options on, and record their errors from, the ``others`` engines."""
-    if not event.contains(factory, "after_begin", apply_on_other_bind):
+    # An app without binds pays nothing per transaction: no listener at all.
+    if others and not event.contains(factory, "after_begin", apply_on_other_bind):
         event.listen(factory, "after_begin", apply_on_other_bind)
     for engine in others:
         event.listen(engine, "handle_error", functools.partial(_record_bind_error, default))
