@@ -69,4 +69,6 @@ def watch(engine: Engine, sessions: Any) -> None:
     """Listen to ``engine``'s errors and to commits of ``sessions`` (a sessionmaker
     or a Session class) on behalf of the attempts that use them."""
     event.listen(engine, "handle_error", record_error)
-    event.listen(sessions, "before_commit", refuse_inner_commit)
+    # A Flask-SQLAlchemy factory adopted by several apps is watched once.
+    if not event.contains(sessions, "before_commit", refuse_inner_commit):
+        event.listen(sessions, "before_commit", refuse_inner_commit)

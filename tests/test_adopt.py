@@ -714,3 +714,30 @@ def test_flask_migrate_in_an_adopted_app(
             assert sa.inspect(migrate_db.engine).has_table("alembic_version")
         finally:
             migrate_db.engine.dispose()
+
+
+def test_one_db_serves_two_apps(database_url: str, tmp_path: Path) -> None:
+    """One SQLAlchemy and one FlaskTxn serve two apps, each on its own engine and session."""
+    txn = FlaskTxn(db=db)
+    apps = []
+    for name in ("one", "two"):
+        app = Flask(name)
+        app.config["SQLALCHEMY_DATABASE_URI"] = (
+            f"sqlite:///{tmp_path / name}.db" if name == "two" else database_url
+        )
+        db.init_app(app)
+        txn.init_app(app)
+        apps.append(app)
+    sessions, engines = [], []
+    for app in apps:
+        with app.app_context():
+            db.drop_all(bind_key=[None])
+            db.create_all(bind_key=[None])
+            with atomic():
+                db.session.add(Note(text=app.name))
+            sessions.append(txn.session())
+            engines.append(txn.engine)
+            assert (txn.session() is db.session(), txn.engine is db.engine) == (True, True)
+            assert [n.text for n in Note.query.all()] == [app.name]
+            db.engine.dispose()
+    assert (sessions[0] is not sessions[1], engines[0] is not engines[1]) == (True, True)
