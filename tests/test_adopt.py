@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import re
+import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import alembic
+import alembic.command
+import alembic.config
 import pytest
 import sqlalchemy as sa
 from flask import Flask, abort
@@ -49,6 +56,8 @@ class Audit(db.Model):  # type: ignore[name-defined,misc]
     id: Mapped[int] = mapped_column(primary_key=True)
     text: Mapped[str]
 
+
+DOCS_ADOPTING = Path(__file__).resolve().parent.parent / "docs" / "adopting.md"
 
 MakeApp = Callable[..., tuple[Flask, FlaskTxn]]
 
@@ -741,3 +750,73 @@ def test_one_db_serves_two_apps(database_url: str, tmp_path: Path) -> None:
             assert [n.text for n in Note.query.all()] == [app.name]
             db.engine.dispose()
     assert (sessions[0] is not sessions[1], engines[0] is not engines[1]) == (True, True)
+
+
+MYAPP = """
+import os
+
+from flask import Flask
+
+from flask_txn import FlaskTxn
+
+txn = FlaskTxn()
+
+
+def create_app():
+    app = Flask("myapp")
+    app.config["TXN_DATABASE_URI"] = os.environ["MYAPP_DATABASE_URL"]
+    txn.init_app(app)
+    return app
+"""
+
+MYAPP_MODELS = """
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Widget(Base):
+    __tablename__ = "widget"
+    id: Mapped[int] = mapped_column(primary_key=True)
+"""
+
+
+@pytest.mark.parametrize("migrations_url", ["sqlite", "postgresql"], indirect=True)
+def test_the_standalone_alembic_recipe(
+    migrations_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/adopting.md's env.py for a standalone app: autogenerate and upgrade on txn.engine."""
+    (recipe,) = [
+        block
+        for block in re.findall(
+            r"^```\{code-block\} python\n(.*?)^```", DOCS_ADOPTING.read_text(), re.S | re.M
+        )
+        if "run_migrations_online" in block
+    ]
+    package = tmp_path / "myapp"
+    package.mkdir()
+    (package / "__init__.py").write_text(MYAPP)
+    (package / "models.py").write_text(MYAPP_MODELS)
+    scripts = tmp_path / "migrations"
+    (scripts / "versions").mkdir(parents=True)
+    template = Path(alembic.__file__).parent / "templates" / "generic" / "script.py.mako"
+    shutil.copy(template, scripts)
+    (scripts / "env.py").write_text(recipe)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("MYAPP_DATABASE_URL", migrations_url)
+    config = alembic.config.Config()
+    config.set_main_option("script_location", str(scripts))
+    try:
+        alembic.command.revision(config, "widgets", autogenerate=True)
+        alembic.command.upgrade(config, "head")
+        engine = sa.create_engine(migrations_url)
+        try:
+            assert {"widget", "alembic_version"} <= set(sa.inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+    finally:
+        for name in ("myapp", "myapp.models"):
+            sys.modules.pop(name, None)
+        gc.collect()  # the apps the recipe made: their engines are disposed with them
