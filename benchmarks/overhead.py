@@ -35,6 +35,9 @@ SELECT = sa.text("SELECT balance FROM accounts WHERE id = :id")
 #: there is no noise) shows how far apart two identical variants come out.
 CONTROL = "hand-written again (the noise floor)"
 
+#: Flask-SQLAlchemy adopted by flask-txn: compared with the row above it (issue 16).
+FSA_ATOMIC = "Flask-SQLAlchemy `db.session` + flask-txn `@atomic` (`db=db`)"
+
 #: Independently built copies of each app in the view comparison. Two copies of
 #: the same code came out up to 3% apart here (the noise-floor row of the ten saved runs
 #: in docs/benchmarks/restructure: 0.974 to 1.026): each has its own connection (so its
@@ -176,8 +179,9 @@ def _flask_txn(url: str, stack: contextlib.ExitStack, **config: Any) -> Flask:
     return app
 
 
-def _flask_sqlalchemy(url: str, stack: contextlib.ExitStack) -> Flask:
-    """Flask-SQLAlchemy's scoped session with an explicit ``commit()``."""
+def _flask_sqlalchemy(url: str, stack: contextlib.ExitStack, *, adopted: bool = False) -> Flask:
+    """Flask-SQLAlchemy's scoped session with an explicit ``commit()``; or, ``adopted``,
+    the same app converted to flask-txn: ``FlaskTxn(app, db=db)`` and ``@atomic``."""
     app = Flask("flask_sqlalchemy_app")
     app.config.update(
         SQLALCHEMY_DATABASE_URI=url, SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True}
@@ -189,6 +193,16 @@ def _flask_sqlalchemy(url: str, stack: contextlib.ExitStack) -> Flask:
             db.engine.dispose()
 
     stack.callback(dispose)
+
+    if adopted:
+        FlaskTxn(app, db=db)
+
+        @app.get("/")
+        @atomic
+        def atomic_view() -> str:
+            return str(db.session.execute(SELECT, {"id": request.args["id"]}).scalar_one())
+
+        return app
 
     @app.get("/")
     def view() -> str:
@@ -207,6 +221,7 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
             "control": lambda: _hand_written(url, stack),
             "txn": lambda: _flask_txn(url, stack),
             "fsa": lambda: _flask_sqlalchemy(url, stack),
+            "fsa_txn": lambda: _flask_sqlalchemy(url, stack, adopted=True),
             "lean": lambda: _flask_txn(url, stack, TXN_ENGINE_OPTIONS={"pool_pre_ping": False}),
             "guarded": lambda: _flask_txn(url, stack, TXN_NPLUSONE="warn"),
         }
@@ -215,7 +230,7 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
             # Each copy in a new order, so that no variant is always built first.
             for name in shuffled(builders, -1 - copy):
                 apps[name].append(builders[name]())
-        hand, control, txn_apps, fsa, lean, guarded = apps.values()
+        hand, control, txn_apps, fsa, fsa_txn, lean, guarded = apps.values()
 
         def get(apps: list[Flask]) -> list[Callable[[], object]]:
             return [_requests(app) for app in apps]
@@ -228,6 +243,7 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
                 "flask-txn `@atomic`": (txn_requests, False),
                 "flask-txn `@atomic`, 3 receivers": (txn_requests, True),
                 "Flask-SQLAlchemy `db.session` + `commit()`": (get(fsa), False),
+                FSA_ATOMIC: (get(fsa_txn), False),
                 "flask-txn `@atomic`, `pool_pre_ping=False`": (get(lean), False),
                 "flask-txn `@atomic`, N+1 guard on (`TXN_NPLUSONE='warn'`)": (
                     get(guarded),

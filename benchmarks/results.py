@@ -90,9 +90,9 @@ class Comparison:
         values = [value for value in values if not math.isnan(value)]
         return statistics.median(values) if values else math.nan
 
-    def ratio(self, variant: str) -> float:
-        """Median of the paired ratios variant / anchor, run by run."""
-        pairs = zip(self.runs[variant], self.runs[self.anchor], strict=True)
+    def ratio(self, variant: str, against: str | None = None) -> float:
+        """Median of the paired ratios variant / anchor (or / ``against``), run by run."""
+        pairs = zip(self.runs[variant], self.runs[against or self.anchor], strict=True)
         ratios = [run.goodput / base.goodput for run, base in pairs if base.goodput]
         return statistics.median(ratios) if ratios else math.nan
 

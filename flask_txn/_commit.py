@@ -9,7 +9,13 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
-from ._errors import AmbiguousCommitError, TransactionAbortedError, UsageError
+from ._adopt import commit_binds
+from ._errors import (
+    AmbiguousCommitError,
+    PartialCommitError,
+    TransactionAbortedError,
+    UsageError,
+)
 from ._retry import AMBIGUOUS_SQLSTATE, is_disconnect, sqlstate_of
 from ._session import aborted
 from ._testhooks import hooks
@@ -74,7 +80,9 @@ def obstacle(
 def commit(session: Session) -> BaseException | None:
     """COMMIT; an error whose outcome is unknown becomes :class:`AmbiguousCommitError`."""
     try:
-        session.commit()
+        commit_binds(session)  # session.commit(), binds in a known order
+    except PartialCommitError as exc:
+        return exc
     except Exception as exc:
         if is_disconnect(exc) or sqlstate_of(exc) == AMBIGUOUS_SQLSTATE:
             ambiguous = AmbiguousCommitError(

@@ -101,12 +101,19 @@ def make_engine(settings: Settings) -> Engine:
             f" sqlalchemy.create_engine() refused: {exc} Use keyword arguments of"
             " create_engine() that this database and pool accept, e.g. {'pool_size': 10}."
         ) from None
+    instrument(engine, settings)
+    return engine
+
+
+def instrument(engine: Engine, settings: Settings) -> None:
+    """What flask-txn adds to an engine, its own or one it adopts: SQLite's real
+    BEGIN, the read watchdog, the per-transaction statement timeout, and disposal
+    after a fork."""
     if engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite":
         _use_sqlite_transactions(engine)
     _watchdog.watch(engine, settings.timeouts.read)
     _timeouts.set_per_transaction(engine, settings.timeouts.statement)
     _ENGINES.add(engine)
-    return engine
 
 
 def check_driver(key: str, url: URL) -> None:
@@ -162,6 +169,10 @@ def _use_sqlite_transactions(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(connection: sa.Connection) -> None:
+        driver: Any = connection.connection.driver_connection
+        if driver.isolation_level is not None:
+            # An adopted engine's pool may hold connections made before flask-txn listened.
+            driver.isolation_level = None
         # A validated keyword (TXN_SQLITE_BEGIN), never user text.
         mode = connection.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
         connection.exec_driver_sql(f"BEGIN {mode}")

@@ -10,6 +10,7 @@ wrapped: they propagate unchanged. flask-txn adds only these::
     ├── PendingWritesError                    uncommitted writes would be lost
     ├── TransactionAbortedError               a swallowed database error aborted the transaction
     ├── AmbiguousCommitError                  COMMIT was sent, its outcome is unknown
+    │   └── PartialCommitError                some binds committed, a later one failed
     └── NPlusOneError                         a relationship lazy-loaded in a loop
 """
 
@@ -50,6 +51,26 @@ class AmbiguousCommitError(FlaskTxnError):
     driver's error is the ``__cause__``. Make the operation idempotent (an
     idempotency key stored in the same transaction) so the client can retry safely.
     """
+
+
+class PartialCommitError(AmbiguousCommitError):
+    """A block that wrote to several Flask-SQLAlchemy binds committed some of them,
+    then the COMMIT of the next one failed: the block's work is partly saved.
+
+    The binds commit one after the other (never atomically across databases):
+    the other binds in the order the block first used them, the default bind
+    last. Like :class:`AmbiguousCommitError`, it is never retried. The failed
+    COMMIT's error is the ``__cause__``.
+
+    .. versionadded:: 0.2.0
+    """
+
+    def __init__(self, message: str, *, committed: list[str | None], failed: str | None) -> None:
+        super().__init__(message)
+        #: the bind keys that committed, in order (None is the default bind).
+        self.committed = committed
+        #: the bind key whose COMMIT failed (None is the default bind).
+        self.failed = failed
 
 
 class NPlusOneError(FlaskTxnError):

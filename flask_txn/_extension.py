@@ -15,8 +15,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from . import _session
+from . import _adopt, _session
 from ._atomic import Atomic, check_names, current_async_session, decorate_or_open
+from ._binds import watch_binds
 from ._cli import cli
 from ._config import (
     DEFAULTS,
@@ -48,13 +49,17 @@ class FlaskTxn:
     app gets its own engine, sessions and settings from its ``TXN_*`` config.
 
     :param app: the app to initialise now; or call :meth:`init_app` later.
+    :param db: a Flask-SQLAlchemy extension already registered on the app(s):
+        flask-txn then adopts its engines and its session (``txn.session() is
+        db.session()``) instead of making its own. See :doc:`adopting`.
     :param options: defaults for the ``TXN_*`` config keys, named in lower case
         without the prefix (``retries=3`` for ``TXN_RETRIES``). The app's config
         overrides them.
     """
 
-    def __init__(self, app: Flask | None = None, **options: Any) -> None:
+    def __init__(self, app: Flask | None = None, *, db: Any = None, **options: Any) -> None:
         self._defaults = options_to_config(options)
+        self._db = db
         self._states: weakref.WeakKeyDictionary[Flask, AppState] = weakref.WeakKeyDictionary()
         self.session = _session.AppScopedSession(
             lambda: self._get_state().registry, lambda: self._get_state().sessionmaker
@@ -74,7 +79,13 @@ class FlaskTxn:
                 f"A flask-txn extension is already registered on app {app.name!r}."
                 " Call 'init_app' once per app (one FlaskTxn object can serve many apps)."
             )
-        sqlite_begin_given = "TXN_SQLITE_BEGIN" in {**self._defaults, **app.config}
+        given = {**self._defaults, **app.config}
+        sqlite_begin_given = "TXN_SQLITE_BEGIN" in given
+        engines = None if self._db is None else _adopt.engines_of(app, self._db)
+        if engines is None:
+            _adopt.refuse_second_session(app, given)
+        else:
+            _adopt.configure(app, engines, given)
         for key, value in {**DEFAULTS, **self._defaults}.items():
             # Dicts are copied: editing one app's TXN_ENGINE_OPTIONS in place must not
             # change the module's defaults or another app served by this object.
@@ -89,24 +100,28 @@ class FlaskTxn:
                 f" {settings.url.get_backend_name()!r}: it only applies to SQLite, so it would"
                 " do nothing. Set it only where 'TXN_DATABASE_URI' is a SQLite URL."
             )
-        engine = make_engine(settings)
+        if engines is None:
+            adopted = None
+            engine = make_engine(settings)
+            factory = _session.make_sessionmaker(engine, settings)
+            registry = _session.make_registry(factory, settings.scope)
+            async_database = _session.make_async_database(settings)
+            weakref.finalize(app, engine.dispose)
+        else:
+            adopted = _adopt.adopt(app, self._db, engines, settings)
+            engine, factory, registry = adopted.engine, adopted.factory, adopted.registry
+            watch_binds(factory, engine, [e for key, e in engines.items() if key is not None])
+            async_database = None  # Flask-SQLAlchemy has no async session to adopt
         check_dialect_isolation("TXN_ISOLATION_LEVEL", settings.isolation, engine.dialect.name)
-        factory = _session.make_sessionmaker(engine, settings)
         watch(engine, factory)
         guard = guard_for(settings.nplusone, settings.nplusone_threshold)
         if guard is not None:  # "off" costs nothing: no listener at all
             event.listen(factory, "do_orm_execute", guard)
-        async_database = _session.make_async_database(settings)
         if async_database is not None:
             watch(async_database.sync_engine, _session.AsyncWorkSession)
         self._states[app] = AppState(
-            settings,
-            engine,
-            factory,
-            _session.make_registry(factory, settings.scope),
-            async_database,
+            settings, engine, factory, registry, async_database, adopted=adopted
         )
-        weakref.finalize(app, engine.dispose)
         if async_database is not None:
             weakref.finalize(app, async_database.close)
         app.extensions[EXTENSION_KEY] = self

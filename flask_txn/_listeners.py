@@ -29,6 +29,11 @@ def record_error(context: ExceptionContext) -> None:
     attempt = current()
     if attempt is None or context.engine is not attempt.engine or context.is_pre_ping:
         return
+    record_on(attempt, context)
+
+
+def record_on(attempt: Attempt, context: ExceptionContext) -> None:
+    """Record a database error on ``attempt``; the first retriable one dooms it."""
     error = context.sqlalchemy_exception or context.original_exception
     code = sqlstate_of(error)
     # "In failed transaction" follows the error that aborted it: keep that one.
@@ -69,4 +74,6 @@ def watch(engine: Engine, sessions: Any) -> None:
     """Listen to ``engine``'s errors and to commits of ``sessions`` (a sessionmaker
     or a Session class) on behalf of the attempts that use them."""
     event.listen(engine, "handle_error", record_error)
-    event.listen(sessions, "before_commit", refuse_inner_commit)
+    # A Flask-SQLAlchemy factory adopted by several apps is watched once.
+    if not event.contains(sessions, "before_commit", refuse_inner_commit):
+        event.listen(sessions, "before_commit", refuse_inner_commit)

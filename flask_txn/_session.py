@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from flask import current_app, has_request_context, request
 from flask.globals import app_ctx
-from sqlalchemy import event
+from sqlalchemy import Connection, event
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import ORMExecuteState, Session, scoped_session, sessionmaker
@@ -61,11 +61,21 @@ def make_sessionmaker(engine: Engine, settings: Settings) -> sessionmaker[Sessio
             f" sqlalchemy.orm.Session() refused: {exc}. Use keyword arguments of"
             " Session, e.g. {'autoflush': False}."
         ) from None
-    event.listen(factory, "after_flush", _mark_written)
-    event.listen(factory, "do_orm_execute", _mark_dml)
-    event.listen(factory, "after_commit", _clear_written)
-    event.listen(factory, "after_rollback", _clear_written)
+    track_writes(factory)
     return factory
+
+
+def track_writes(factory: sessionmaker[Session]) -> None:
+    """Record, per transaction, whether the factory's sessions wrote (for
+    :func:`has_pending_writes`); listening twice is harmless."""
+    for name, listener in (
+        ("after_flush", _mark_written),
+        ("do_orm_execute", _mark_dml),
+        ("after_commit", _clear_written),
+        ("after_rollback", _clear_written),
+    ):
+        if not event.contains(factory, name, listener):
+            event.listen(factory, name, listener)
 
 
 def _mark_written(session: Session, _flush_context: Any) -> None:
@@ -113,8 +123,7 @@ def aborted(session: Session) -> bool:
     """True if the database considers the open transaction failed, so that it
     would turn COMMIT into a silent ROLLBACK (PostgreSQL does)."""
     connection = session.connection()
-    info = getattr(connection.connection.driver_connection, "info", None)
-    status = getattr(info, "transaction_status", None)
+    status = _transaction_status(connection)
     if status is not None:  # psycopg2 and psycopg 3 report libpq's status
         return bool(status == _TRANSACTION_IN_ERROR)
     # Other drivers (asyncpg, sqlite3) do not: ask the database. Only done
@@ -124,6 +133,19 @@ def aborted(session: Session) -> bool:
     except DBAPIError as exc:
         return sqlstate_of(exc) == IN_FAILED_TRANSACTION
     return False
+
+
+def _transaction_status(connection: Connection) -> int | None:
+    """libpq's transaction status, which psycopg2 and psycopg 3 report; None for other drivers."""
+    info = getattr(connection.connection.driver_connection, "info", None)
+    status: int | None = getattr(info, "transaction_status", None)
+    return status
+
+
+def in_failed_transaction(connection: Connection) -> bool:
+    """True if the driver reports that an error aborted the connection's
+    transaction (False where it cannot tell, without asking the database)."""
+    return _transaction_status(connection) == _TRANSACTION_IN_ERROR
 
 
 def current_app_context() -> Any:

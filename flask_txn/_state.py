@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.util import ScopedRegistry
 
+from ._adopt import Adopted
 from ._config import Settings, hide_password
 from ._engine import async_url
 from ._errors import UsageError
@@ -34,6 +35,8 @@ class AppState:
     registry: ScopedRegistry[Session]
     #: for atomic coroutines; None when the app has no async database URL.
     async_database: AsyncDatabase | None
+    #: the Flask-SQLAlchemy extension and engines given as ``FlaskTxn(db=...)``, if any.
+    adopted: Adopted | None = None
     #: the routes were checked for '@atomic' written above the route decorator.
     routes_checked: bool = False
 
@@ -78,6 +81,13 @@ async def async_database_of(state: AppState) -> AsyncDatabase:
     database = state.async_database
     if database is not None:
         return await database.connected()
+    if state.adopted is not None:
+        raise UsageError(
+            "'atomic' on a coroutine cannot use FlaskTxn(db=db): Flask-SQLAlchemy has"
+            " no async session for it to adopt. Make the view a plain 'def' (Flask runs"
+            " it in a worker thread), or serve async views from a FlaskTxn without"
+            " 'db=' on another app, with 'TXN_ASYNC_DATABASE_URI'."
+        )
     url = state.settings.url
     if async_url(state.settings) is not None:
         raise UsageError(

@@ -27,6 +27,7 @@ from flask import Flask, has_app_context, has_request_context, request
 from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session
 
+from ._adopt import joined_session_class
 from ._errors import ConfigError, UsageError
 from ._nplusone import Guard, NPlusOne
 from ._session import JOINED
@@ -102,6 +103,9 @@ def txn_rollback(request: pytest.FixtureRequest, app: Flask) -> Iterator[Connect
     state = _state(app)
     factory = state.sessionmaker
     saved = dict(factory.kw)
+    saved_class = factory.class_
+    if state.adopted is not None:
+        factory.class_ = joined_session_class(saved_class, state.engine)
     connection = state.engine.connect()
     outer = connection.begin()
     event.listen(connection, "before_cursor_execute", _refuse_other_threads(threading.get_ident()))
@@ -119,6 +123,7 @@ def txn_rollback(request: pytest.FixtureRequest, app: Flask) -> Iterator[Connect
         finally:
             factory.kw.clear()
             factory.kw.update(saved)
+            factory.class_ = saved_class
             if outer.is_active:
                 outer.rollback()
             connection.close()

@@ -137,6 +137,48 @@ TABLE = [
         "test_extension.py::test_bad_url_message_hides_the_password",
     ),
     Row(
+        "db-not-registered",
+        UsageError,
+        "init_app",
+        "test_adopt.py::test_db_not_registered_is_refused",
+    ),
+    Row(
+        "db-uri-conflict",
+        ConfigError,
+        "init_app",
+        "test_adopt.py::test_a_different_database_uri_is_refused",
+    ),
+    Row(
+        "db-engine-keys",
+        ConfigError,
+        "init_app",
+        "test_adopt.py::test_engine_keys_are_refused_with_db",
+    ),
+    Row(
+        "db-no-default-bind",
+        ConfigError,
+        "init_app",
+        "test_adopt.py::test_db_without_a_default_bind_is_refused",
+    ),
+    Row(
+        "db-async",
+        UsageError,
+        "entering the block",
+        "test_adopt.py::test_async_views_are_refused",
+    ),
+    Row(
+        "db-second-session",
+        ConfigError,
+        "init_app",
+        "test_adopt.py::test_without_db_the_same_database_is_refused",
+    ),
+    Row(
+        "db-second-session-no-uri",
+        ConfigError,
+        "init_app",
+        "test_adopt.py::test_without_db_and_without_uri_is_refused",
+    ),
+    Row(
         "engine-options-type",
         ConfigError,
         "init_app",

@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks import loadgen, results, workload
 from benchmarks import runs as saved_runs
+from benchmarks.overhead import FSA_ATOMIC
 from benchmarks.results import Comparison, Run
 
 from . import pgserver, reliability_report
@@ -512,3 +513,22 @@ def test_cold_paired_shares_come_from_the_three_saved_paired_runs() -> None:
         f"cold transfers of flask-txn keep {min(ours):.2f} to {max(ours):.2f}"
         f" (pgbench's {min(theirs):.2f} to {max(theirs):.2f})" in page
     )
+
+
+FSA_COMMIT = "Flask-SQLAlchemy `db.session` + `commit()`"
+
+
+def test_adopted_flask_sqlalchemy_figures_come_from_the_saved_runs() -> None:
+    """docs/performance.md's figures for Flask-SQLAlchemy with @atomic (db=db) are the
+    paired ratios of the runs in docs/benchmarks/adopt-*."""
+    page = " ".join((ROOT / "docs" / "performance.md").read_text(encoding="utf-8").split())
+    folders = sorted((ROOT / "docs" / "benchmarks").glob("adopt-*"))
+    adopted, plain = [], []
+    for folder in folders:
+        _, comparisons = results.load(folder / "results.json")
+        overhead = next(c for c in comparisons if c.key == "overhead")
+        adopted.append(overhead.ratio(FSA_ATOMIC, against=FSA_COMMIT))
+        plain.append(overhead.ratio("flask-txn `@atomic`"))
+    assert len(folders) == 3
+    assert f"put it at {', '.join(f'{r:.3f}' for r in adopted)} of the same app" in page
+    assert f"came out at {', '.join(f'{r:.3f}' for r in plain)} of the hand-written" in page

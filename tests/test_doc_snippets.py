@@ -45,6 +45,7 @@ txn_faults = testing.txn_faults
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 #: Pages with Python blocks of their own; a test below checks that no page is missed.
 PAGES = [
+    "adopting",
     "async",
     "atomic",
     "config",
@@ -203,6 +204,34 @@ def test_atomic_page_runs(make_prelude: Callable[..., dict[str, Any]], postgresq
         order = ns["place_order"]([3, 4])
         count = ns["txn"].session.scalar(sa.select(sa.func.count()).select_from(Tag))
     assert (count, sent) == (1, [order.id])
+
+
+def test_adopting_page_runs(tmp_path: Path) -> None:
+    """adopting.md: the converted views commit, roll back on 409, and the CLI command and
+    the background job commit through db.session."""
+    namespace: dict[str, Any] = {}
+    run_page("adopting", namespace, {"sqlite:///shop.db": f"sqlite:///{tmp_path / 'shop.db'}"})
+    app, db, txn = namespace["app"], namespace["db"], namespace["txn"]
+    with app.app_context():
+        assert (txn.session() is db.session(), txn.engine is db.engine) == (True, True)
+        db.create_all()
+    client = app.test_client()
+    created = client.post("/products", json={"name": "pen", "stock": 3})
+    sold = client.post("/products/1/sell", json={"quantity": 2})
+    refused = client.post("/products/1/sell", json={"quantity": 5})
+    result = app.test_cli_runner().invoke(args=["restock"])
+    namespace["nightly_job"](app)
+    with app.app_context():
+        product = db.session.get(namespace["Product"], 1)
+        state = (product.name, product.stock)
+        db.engine.dispose()
+    assert (created.status_code, sold.json, refused.status_code, result.exit_code, state) == (
+        201,
+        {"stock": 1},
+        409,
+        0,
+        ("pen", 11),
+    )
 
 
 def test_config_page_runs(prelude: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

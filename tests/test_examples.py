@@ -21,6 +21,16 @@ def test_minimal_example_tests_pass(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=4)
 
 
+def test_shop_example_tests_pass(pytester: pytest.Pytester) -> None:
+    """The Flask-SQLAlchemy shop converted to flask-txn: its own tests, with the plugin's
+    fixtures on db=, on a schema made by its Flask-Migrate migrations."""
+    pytester.syspathinsert(EXAMPLES.parent)
+    result = pytester.runpytest_inprocess(
+        str(EXAMPLES / "shop" / "test_shop.py"), "-o", "addopts=", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=5)
+
+
 #: Run as a fresh interpreter where SQLAlchemy's asyncio support cannot be imported,
 #: as after the README's `pip install -e .` (no greenlet): the demo must still serve.
 WITHOUT_ASYNCIO = """

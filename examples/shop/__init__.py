@@ -1,0 +1,1 @@
+"""A Flask-SQLAlchemy shop converted to flask-txn (docs/adopting.md)."""
