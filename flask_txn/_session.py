@@ -61,11 +61,19 @@ def make_sessionmaker(engine: Engine, settings: Settings) -> sessionmaker[Sessio
             f" sqlalchemy.orm.Session() refused: {exc}. Use keyword arguments of"
             " Session, e.g. {'autoflush': False}."
         ) from None
-    event.listen(factory, "after_flush", _mark_written)
-    event.listen(factory, "do_orm_execute", _mark_dml)
-    event.listen(factory, "after_commit", _clear_written)
-    event.listen(factory, "after_rollback", _clear_written)
+    track_writes(factory)
     return factory
+
+
+def track_writes(sessions: Any) -> None:
+    """Record in ``session.info`` the writes made in each transaction of ``sessions``
+    (a sessionmaker or a Session class), for :func:`has_pending_writes`."""
+    if event.contains(sessions, "after_flush", _mark_written):
+        return
+    event.listen(sessions, "after_flush", _mark_written)
+    event.listen(sessions, "do_orm_execute", _mark_dml)
+    event.listen(sessions, "after_commit", _clear_written)
+    event.listen(sessions, "after_rollback", _clear_written)
 
 
 def _mark_written(session: Session, _flush_context: Any) -> None:
@@ -184,6 +192,14 @@ class AsyncDatabase:
         if not self._connected:
             await asyncio.to_thread(self._connect_once)
         return self
+
+    def connect_from_loop(self) -> None:
+        """:meth:`connected` for sync code that runs inside an event loop: the first
+        connection is made in a thread of its own, and waited for."""
+        if not self._connected:
+            first = threading.Thread(target=self._connect_once)
+            first.start()
+            first.join()
 
     def _connect_once(self) -> None:
         with self._first_connect:

@@ -1,0 +1,373 @@
+"""Read replicas on a real primary and streaming standby (tests/replica.py): routing,
+read-your-writes under paused replay, the lag bound, a standby going down and coming
+back, and failover to a promoted standby."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from flask_txn import ConfigError, FlaskTxn, atomic, transaction_committed
+
+from . import replica
+from .conftest import Attempts, Base, Item
+
+
+@pytest.fixture(scope="session")
+def pair() -> Iterator[tuple[Any, replica.Standby]]:
+    """One primary and its standby for the whole session (the failover test makes its own)."""
+    with replica.running_pair() as servers:
+        yield servers
+
+
+@pytest.fixture
+def standby_engine(pair: tuple[Any, replica.Standby]) -> Iterator[sa.Engine]:
+    """A plain engine on the standby, to pause and resume its replay; replay runs again after."""
+    engine = sa.create_engine(pair[1].url)
+    yield engine
+    with engine.connect() as connection:
+        connection.exec_driver_sql("SELECT pg_wal_replay_resume()")
+    engine.dispose()
+
+
+class Servers:
+    """The server each committed block ran on, from the signal's ``server`` key."""
+
+    def __init__(self, app: Flask) -> None:
+        self.seen: list[str] = []
+        transaction_committed.connect(self.receive, sender=app, weak=False)
+        self.app = app
+
+    def receive(self, _sender: Any, **payload: Any) -> None:
+        self.seen.append(payload["server"])
+
+    def close(self) -> None:
+        transaction_committed.disconnect(self.receive, sender=self.app)
+
+
+def make(primary_url: str, standby_url: str, **config: Any) -> tuple[Flask, FlaskTxn, Servers]:
+    """An app on the primary with the standby configured; fresh tables, replayed."""
+    app = Flask("replicas")
+    app.config.update(
+        TESTING=True,
+        TXN_DATABASE_URI=primary_url,
+        TXN_REPLICA_URIS=[standby_url],
+        **{"TXN_REPLICA_CHECK_INTERVAL": 0, **config},
+    )
+    txn = FlaskTxn(app)
+    with app.app_context():
+        Base.metadata.drop_all(txn.engine)
+        Base.metadata.create_all(txn.engine)
+        replica.wait_for_replay(sa.create_engine(standby_url, poolclass=sa.NullPool), lsn(txn))
+
+    @app.get("/count")
+    @atomic(replica=True)
+    def count() -> dict[str, Any]:
+        return {"count": txn.session.scalar(sa.select(sa.func.count()).select_from(Item))}
+
+    @app.post("/write")
+    @atomic
+    def write() -> dict[str, Any]:
+        txn.session.add(Item(name="w"))
+        return {}
+
+    @app.post("/write-then-count")
+    def write_then_count() -> dict[str, Any]:
+        with atomic():
+            txn.session.add(Item(name="w"))
+        with atomic(replica=True):
+            return {"count": txn.session.scalar(sa.select(sa.func.count()).select_from(Item))}
+
+    return app, txn, Servers(app)
+
+
+def lsn(txn: FlaskTxn) -> str:
+    """The primary's WAL insert position now."""
+    return replica.primary_lsn(txn.engine)
+
+
+@pytest.fixture
+def routed(pair: tuple[Any, replica.Standby]) -> Iterator[Any]:
+    """Make apps on the pair; dispose of their engines and receivers after the test."""
+    made: list[tuple[Flask, FlaskTxn, Servers]] = []
+
+    def build(**config: Any) -> tuple[Flask, FlaskTxn, Servers]:
+        made.append(make(pair[0].url, pair[1].url, **config))
+        return made[-1]
+
+    yield build
+    for app, txn, servers in made:
+        servers.close()
+        with app.app_context():
+            assert txn.engine.pool.checkedout() == 0, "a test leaked a connection"
+
+
+def _pause(standby: sa.Engine) -> None:
+    """Stop replay on the standby, and wait (polling, bounded) until it has stopped."""
+    with standby.connect() as connection:
+        connection.exec_driver_sql("SELECT pg_wal_replay_pause()")
+        for _ in range(replica.POLLS):
+            state = connection.exec_driver_sql("SELECT pg_get_wal_replay_pause_state()").scalar()
+            if state == "paused":
+                return
+            connection.rollback()
+    raise AssertionError("replay did not pause")
+
+
+def _resume(standby: sa.Engine) -> None:
+    with standby.connect() as connection:
+        connection.exec_driver_sql("SELECT pg_wal_replay_resume()")
+
+
+def test_replica_blocks_read_on_the_standby_and_the_rest_on_the_primary(
+    routed: Any, pair: tuple[Any, replica.Standby]
+) -> None:
+    """replica=True runs on the standby, read-only; blocks that may write, readonly blocks
+    without replica=True, and txn.session outside blocks stay on the primary."""
+    app, txn, servers = routed()
+    in_recovery = sa.text("SELECT pg_is_in_recovery()")
+    with app.app_context():
+        with atomic(replica=True) as session:
+            on_standby = session.scalar(in_recovery)
+            readonly = session.scalar(sa.text("SHOW transaction_read_only"))
+        with atomic() as session:
+            on_primary = session.scalar(in_recovery)
+        with atomic(readonly=True) as session:
+            readonly_on_primary = session.scalar(in_recovery)
+        outside = txn.session.scalar(in_recovery)
+        txn.session.rollback()
+    assert (on_standby, readonly, on_primary, readonly_on_primary, outside) == (
+        True,
+        "on",
+        False,
+        False,
+        False,
+    )
+    assert str(pair[1].port) in servers.seen[0]
+    assert servers.seen[1:] == ["primary", "primary"]
+
+
+def test_serializable_app_reads_the_standby_in_repeatable_read(routed: Any) -> None:
+    """A hot standby refuses SERIALIZABLE: a replica block of a SERIALIZABLE app reads a
+    REPEATABLE READ snapshot there; an explicit SERIALIZABLE is refused at once."""
+    app, _txn, servers = routed(TXN_ISOLATION_LEVEL="SERIALIZABLE")
+    with app.app_context(), atomic(replica=True) as session:
+        level = session.scalar(sa.text("SHOW transaction_isolation"))
+    assert (level, servers.seen[0] != "primary") == ("repeatable read", True)
+    with pytest.raises(ConfigError, match="'replica=True' cannot run isolation='SERIALIZABLE'"):
+        atomic(replica=True, isolation="SERIALIZABLE")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        pytest.param({"replica": "yes"}, "'replica' must be True or False, got 'yes'", id="flag"),
+        pytest.param(
+            {"replica": True, "readonly": False},
+            "'replica=True' runs the block read-only on a standby, but 'readonly=False'",
+            id="readonly",
+        ),
+        pytest.param(
+            {"replica": True, "deferrable": True, "readonly": True},
+            "'replica=True' cannot run isolation=None, deferrable=True",
+            id="deferrable",
+        ),
+        pytest.param(
+            {"max_lag": 1}, "'max_lag=1.0' only applies to a block on a standby", id="no-replica"
+        ),
+        pytest.param(
+            {"replica": True, "max_lag": "1s"},
+            "'max_lag' must be a finite number of seconds >= 0, or None for"
+            " 'TXN_REPLICA_MAX_LAG', got '1s'",
+            id="max-lag",
+        ),
+    ],
+)
+def test_bad_replica_arguments_are_refused(arguments: dict[str, Any], message: str) -> None:
+    """Each wrong use of replica= and max_lag= fails as atomic() is called, saying the fix."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        atomic(**arguments)
+
+
+def test_a_request_reads_its_own_write_while_replay_is_paused(
+    routed: Any, standby_engine: sa.Engine
+) -> None:
+    """Replay paused: the request that wrote reads from the primary and sees its row;
+    another request reads the standby's older state; once replayed, the standby serves."""
+    app, txn, servers = routed(TXN_REPLICA_MAX_LAG=3600)
+    client = app.test_client()
+    _pause(standby_engine)
+    assert client.post("/write-then-count").json == {"count": 1}
+    assert servers.seen == ["primary", "primary"]
+    stale = client.get("/count").json
+    assert (stale, servers.seen[-1] != "primary") == ({"count": 0}, True)
+    _resume(standby_engine)
+    with app.app_context():
+        replica.wait_for_replay(standby_engine, lsn(txn))
+    assert client.get("/count").json == {"count": 1}
+    assert servers.seen[-1] != "primary"
+
+
+def test_a_user_session_reads_its_own_write_in_its_next_request(
+    routed: Any, standby_engine: sa.Engine
+) -> None:
+    """TXN_REPLICA_READ_YOUR_WRITES='session': the writer's next request reads the primary
+    until the standby replayed the write; another user reads the standby meanwhile."""
+    app, txn, servers = routed(
+        TXN_REPLICA_MAX_LAG=3600, TXN_REPLICA_READ_YOUR_WRITES="session", SECRET_KEY="k"
+    )
+    writer, other = app.test_client(), app.test_client()
+    _pause(standby_engine)
+    writer.post("/write")
+    assert (writer.get("/count").json, servers.seen[-1]) == ({"count": 1}, "primary")
+    assert other.get("/count").json == {"count": 0}
+    assert servers.seen[-1] != "primary"
+    _resume(standby_engine)
+    with app.app_context():
+        replica.wait_for_replay(standby_engine, lsn(txn))
+    assert writer.get("/count").json == {"count": 1}
+    assert servers.seen[-1] != "primary"
+
+
+def test_a_standby_behind_max_lag_is_skipped(
+    routed: Any, standby_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A standby that received WAL it has not replayed is behind by the age of its last
+    replayed transaction: over max_lag, reads go to the primary; under it, to the standby."""
+    app, txn, servers = routed(TXN_REPLICA_MAX_LAG=3600)
+    _pause(standby_engine)
+    with app.app_context():
+        # Written outside any block: no read-your-writes position sends reads to the primary.
+        with txn.engine.begin() as connection:
+            connection.execute(sa.insert(Item).values(name="unreplayed"))
+        replica.wait_for_replay(standby_engine, lsn(txn), column="receive")
+        with caplog.at_level(logging.INFO, "flask_txn"), atomic(replica=True, max_lag=0) as s:
+            strict = s.scalar(sa.select(sa.func.count()).select_from(Item))
+        with atomic(replica=True) as session:
+            lenient = session.scalar(sa.select(sa.func.count()).select_from(Item))
+    assert (strict, lenient) == (1, 0)
+    assert servers.seen[0] == "primary"
+    assert servers.seen[1] != "primary"
+    assert "more than max_lag 0.0 s" in caplog.text
+
+
+def test_a_standby_that_goes_down_is_left_out_and_comes_back(
+    routed: Any, pair: tuple[Any, replica.Standby], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopped standby: reads answer 200 from the primary; started again, it serves again."""
+    app, _txn, servers = routed()
+    client = app.test_client()
+    standby = pair[1]
+    standby.stop_fast()
+    try:
+        with caplog.at_level(logging.INFO, "flask_txn"):
+            response = client.get("/count")
+            assert (response.status_code, servers.seen[-1]) == (200, "primary")
+    finally:
+        standby.start_cluster()
+    with caplog.at_level(logging.INFO, "flask_txn"):
+        assert client.get("/count").status_code == 200
+    assert servers.seen[-1] != "primary"
+    assert "is out of rotation: down" in caplog.text
+    assert "is back in rotation" in caplog.text
+
+
+def test_a_standby_lost_between_checks_falls_back_as_the_block_begins(
+    routed: Any, pair: tuple[Any, replica.Standby]
+) -> None:
+    """Checked healthy an hour ago: a standby that refuses the block's connection is taken
+    out, and the same block begins on the primary, with no error."""
+    app, _txn, servers = routed(TXN_REPLICA_CHECK_INTERVAL=3600)
+    client = app.test_client()
+    assert client.get("/count").status_code == 200
+    assert servers.seen[-1] != "primary"
+    pair[1].stop_fast()
+    try:
+        assert client.get("/count").status_code == 200
+        assert client.get("/count").status_code == 200
+    finally:
+        pair[1].start_cluster()
+    assert servers.seen[-2:] == ["primary", "primary"]
+
+
+def test_async_replica_blocks(
+    routed: Any, pair: tuple[Any, replica.Standby], standby_engine: sa.Engine
+) -> None:
+    """Async blocks route the same way, on psycopg 3's async engine for the standby."""
+    async_url = sa.make_url(pair[0].url).set(drivername="postgresql+psycopg")
+    app, txn, servers = routed(
+        TXN_REPLICA_MAX_LAG=3600,
+        TXN_ASYNC_DATABASE_URI=async_url.render_as_string(hide_password=False),
+    )
+    query = sa.select(sa.func.count()).select_from(Item), sa.text("SELECT pg_is_in_recovery()")
+
+    @app.get("/async-count")
+    @atomic(replica=True)
+    async def async_count() -> dict[str, Any]:
+        session = txn.async_session
+        return {"count": await session.scalar(query[0]), "standby": await session.scalar(query[1])}
+
+    @app.post("/async-write-then-count")
+    async def async_write_then_count() -> dict[str, Any]:
+        async with atomic() as session:
+            session.add(Item(name="async"))
+        async with atomic(replica=True) as session:
+            return {
+                "count": await session.scalar(query[0]),
+                "standby": await session.scalar(query[1]),
+            }
+
+    client = app.test_client()
+    _pause(standby_engine)
+    try:
+        assert client.post("/async-write-then-count").json == {"count": 1, "standby": False}
+        assert client.get("/async-count").json == {"count": 0, "standby": True}
+    finally:
+        _resume(standby_engine)
+    assert servers.seen[:2] == ["primary", "primary"]
+    assert servers.seen[2] != "primary"
+    database = txn._states[app].async_database
+    assert database is not None
+    database.close()
+
+
+def test_failover_to_a_promoted_standby(tmp_path: Any) -> None:
+    """The primary stops inside a write and the standby is promoted: the write is re-run on
+    the new primary (a multi-host URL with target_session_attrs=read-write), commits once,
+    and the app keeps serving reads and writes without a restart."""
+    attempts = Attempts()
+    with replica.running_pair() as (primary, standby):
+        hosts = f"host=127.0.0.1:{primary.port}&host=127.0.0.1:{standby.port}"
+        app, txn, servers = make(
+            f"postgresql+psycopg2://postgres@/postgres?{hosts}&target_session_attrs=read-write",
+            standby.url,
+        )
+
+        @app.post("/failover-write")
+        @atomic
+        def failover_write() -> dict[str, Any]:
+            txn.session.add(Item(name="before"))
+            txn.session.flush()
+            if attempts.first():
+                primary.stop()
+                standby.promote()
+            txn.session.add(Item(name="after"))
+            return {}
+
+        client = app.test_client()
+        try:
+            assert client.post("/failover-write").status_code == 200
+            assert client.get("/count").json == {"count": 2}
+            assert client.post("/write").status_code == 200
+            assert client.get("/count").json == {"count": 3}
+        finally:
+            servers.close()
+            with app.app_context():
+                txn.engine.dispose()
+    assert attempts.total == 2
