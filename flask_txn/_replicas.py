@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flask import g, has_app_context, has_request_context
+from flask import g, has_request_context
 from flask import session as cookie_session
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
@@ -283,16 +283,18 @@ class Replicas:
 
     def needed(self) -> int:
         """The WAL position a standby must have replayed to serve this request."""
-        needed = int(g.get(LSN_KEY, 0)) if has_app_context() else 0
-        if self.settings.read_your_writes == "session" and has_request_context():
-            kept = cookie_session.get(LSN_KEY)
-            if isinstance(kept, str):
-                needed = max(needed, parse_lsn(kept))
-        return needed
+        return max(int(g.get(LSN_KEY, 0)), self._kept())
+
+    def _kept(self) -> int:
+        """In "session" mode, the position of the user's last write, from the cookie."""
+        if self.settings.read_your_writes != "session" or not has_request_context():
+            return 0
+        kept = cookie_session.get(LSN_KEY)
+        return parse_lsn(kept) if isinstance(kept, str) else 0
 
     def committed(self, engine: Engine) -> None:
         """After a write committed on the primary: keep where its WAL ended."""
-        if self.settings.read_your_writes == "off" or not has_app_context():
+        if self.settings.read_your_writes == "off":
             return
         try:
             with engine.connect() as connection:
@@ -307,9 +309,7 @@ class Replicas:
             return
         setattr(g, LSN_KEY, max(lsn, int(g.get(LSN_KEY, 0))))
         if self.settings.read_your_writes == "session" and has_request_context():
-            kept = cookie_session.get(LSN_KEY)
-            if not isinstance(kept, str) or parse_lsn(kept) < lsn:
-                cookie_session[LSN_KEY] = format_lsn(lsn)
+            cookie_session[LSN_KEY] = format_lsn(max(lsn, self._kept()))
 
     def dispose(self) -> None:
         """Close every standby's pooled connections."""

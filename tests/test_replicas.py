@@ -5,6 +5,7 @@ back, and failover to a promoted standby."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
-from flask_txn import ConfigError, FlaskTxn, atomic, transaction_committed
+from flask_txn import ConfigError, FlaskTxn, _replicas, atomic, transaction_committed
 
 from . import replica
 from .conftest import Attempts, Base, Item
@@ -55,10 +56,13 @@ def make(primary_url: str, standby_url: str, **config: Any) -> tuple[Flask, Flas
     """An app on the primary with the standby configured; fresh tables, replayed."""
     app = Flask("replicas")
     app.config.update(
-        TESTING=True,
-        TXN_DATABASE_URI=primary_url,
-        TXN_REPLICA_URIS=[standby_url],
-        **{"TXN_REPLICA_CHECK_INTERVAL": 0, **config},
+        {
+            "TESTING": True,
+            "TXN_DATABASE_URI": primary_url,
+            "TXN_REPLICA_URIS": [standby_url],
+            "TXN_REPLICA_CHECK_INTERVAL": 0,
+            **config,
+        }
     )
     txn = FlaskTxn(app)
     with app.app_context():
@@ -106,6 +110,13 @@ def routed(pair: tuple[Any, replica.Standby]) -> Iterator[Any]:
         servers.close()
         with app.app_context():
             assert txn.engine.pool.checkedout() == 0, "a test leaked a connection"
+            router(txn).dispose()
+            txn.engine.dispose()
+
+
+def router(txn: FlaskTxn) -> _replicas.Replicas:
+    """The app's router (the current app's)."""
+    return _replicas._ROUTERS[txn.engine][0]
 
 
 def _pause(standby: sa.Engine) -> None:
@@ -200,11 +211,13 @@ def test_a_request_reads_its_own_write_while_replay_is_paused(
 ) -> None:
     """Replay paused: the request that wrote reads from the primary and sees its row;
     another request reads the standby's older state; once replayed, the standby serves."""
-    app, txn, servers = routed(TXN_REPLICA_MAX_LAG=3600)
+    # Checked once: the request's own write makes the block ask the standby again.
+    app, txn, servers = routed(TXN_REPLICA_MAX_LAG=3600, TXN_REPLICA_CHECK_INTERVAL=3600)
     client = app.test_client()
+    assert client.get("/count").json == {"count": 0}
     _pause(standby_engine)
     assert client.post("/write-then-count").json == {"count": 1}
-    assert servers.seen == ["primary", "primary"]
+    assert servers.seen[1:] == ["primary", "primary"]
     stale = client.get("/count").json
     assert (stale, servers.seen[-1] != "primary") == ({"count": 0}, True)
     _resume(standby_engine)
@@ -212,6 +225,28 @@ def test_a_request_reads_its_own_write_while_replay_is_paused(
         replica.wait_for_replay(standby_engine, lsn(txn))
     assert client.get("/count").json == {"count": 1}
     assert servers.seen[-1] != "primary"
+
+
+def test_read_your_writes_off_reads_the_standby_at_once(
+    routed: Any, standby_engine: sa.Engine
+) -> None:
+    """TXN_REPLICA_READ_YOUR_WRITES='off': no WAL position is kept, so the request's read
+    goes to the standby, which has not replayed its write."""
+    app, _txn, servers = routed(TXN_REPLICA_MAX_LAG=3600, TXN_REPLICA_READ_YOUR_WRITES="off")
+    _pause(standby_engine)
+    assert app.test_client().post("/write-then-count").json == {"count": 0}
+    assert servers.seen[-1] != "primary"
+
+
+def test_a_standby_being_checked_by_another_thread_keeps_its_status(routed: Any) -> None:
+    """One check at a time: while another thread checks a standby, its last status stands."""
+    app, txn, _servers = routed()
+    with app.app_context():
+        standby = router(txn).standbys[0]
+        first, fresh = standby.current(0)
+        with standby._lock:
+            assert standby.current(0) == (first, False)
+    assert (first.up, fresh) == (True, True)
 
 
 def test_a_user_session_reads_its_own_write_in_its_next_request(
@@ -225,14 +260,41 @@ def test_a_user_session_reads_its_own_write_in_its_next_request(
     writer, other = app.test_client(), app.test_client()
     _pause(standby_engine)
     writer.post("/write")
-    assert (writer.get("/count").json, servers.seen[-1]) == ({"count": 1}, "primary")
+    writer.post("/write")
+    assert (writer.get("/count").json, servers.seen[-1]) == ({"count": 2}, "primary")
     assert other.get("/count").json == {"count": 0}
     assert servers.seen[-1] != "primary"
     _resume(standby_engine)
     with app.app_context():
         replica.wait_for_replay(standby_engine, lsn(txn))
-    assert writer.get("/count").json == {"count": 1}
+    assert writer.get("/count").json == {"count": 2}
     assert servers.seen[-1] != "primary"
+
+
+def test_a_commit_position_that_cannot_be_read_sends_the_request_to_the_primary(
+    routed: Any, pair: tuple[Any, replica.Standby], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role that may not read the WAL position: the write commits, a warning says why,
+    and the request's later reads go to the primary, where its write is."""
+    admin = sa.create_engine(pair[0].url, poolclass=sa.NullPool)
+    revoke = "REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC"
+    Base.metadata.drop_all(admin)  # the reader makes its own tables
+    with admin.begin() as connection:
+        connection.exec_driver_sql("CREATE ROLE reader LOGIN")
+        connection.exec_driver_sql("GRANT USAGE, CREATE ON SCHEMA public TO reader")
+    try:
+        app, _txn, servers = routed(TXN_DATABASE_URI=pair[0].url.replace("postgres@", "reader@"))
+        with admin.begin() as connection:
+            connection.exec_driver_sql(revoke)
+        with caplog.at_level(logging.WARNING, "flask_txn"):
+            assert app.test_client().post("/write-then-count").json == {"count": 1}
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql(revoke.replace("REVOKE", "GRANT").replace("FROM", "TO"))
+            connection.exec_driver_sql("DROP OWNED BY reader")
+            connection.exec_driver_sql("DROP ROLE reader")
+    assert servers.seen == ["primary", "primary"]
+    assert "The WAL position after a commit could not be read" in caplog.text
 
 
 def test_a_standby_behind_max_lag_is_skipped(
@@ -328,10 +390,11 @@ def test_async_replica_blocks(
     try:
         assert client.post("/async-write-then-count").json == {"count": 1, "standby": False}
         assert client.get("/async-count").json == {"count": 0, "standby": True}
+        assert client.get("/async-count").json == {"count": 0, "standby": True}
     finally:
         _resume(standby_engine)
     assert servers.seen[:2] == ["primary", "primary"]
-    assert servers.seen[2] != "primary"
+    assert servers.seen[2:] == [servers.seen[2]] * 2 != ["primary"] * 2
     database = txn._states[app].async_database
     assert database is not None
     database.close()
@@ -342,6 +405,7 @@ def test_failover_to_a_promoted_standby(tmp_path: Any) -> None:
     the new primary (a multi-host URL with target_session_attrs=read-write), commits once,
     and the app keeps serving reads and writes without a restart."""
     attempts = Attempts()
+    lost: list[_replicas.Status] = []
     with replica.running_pair() as (primary, standby):
         hosts = f"host=127.0.0.1:{primary.port}&host=127.0.0.1:{standby.port}"
         app, txn, servers = make(
@@ -356,9 +420,18 @@ def test_failover_to_a_promoted_standby(tmp_path: Any) -> None:
             txn.session.flush()
             if attempts.first():
                 primary.stop()
+                lost.append(_until_not_streaming(router(txn).standbys[0]))
                 standby.promote()
             txn.session.add(Item(name="after"))
             return {}
+
+        def _until_not_streaming(standby: _replicas.Standby) -> _replicas.Status:
+            """Poll (bounded, no sleep) until the standby notices its primary is gone."""
+            for _ in range(replica.POLLS):
+                status, _fresh = standby.current(0)
+                if status.why:
+                    return status
+            raise AssertionError("the standby kept streaming from a stopped primary")
 
         client = app.test_client()
         try:
@@ -369,5 +442,11 @@ def test_failover_to_a_promoted_standby(tmp_path: Any) -> None:
         finally:
             servers.close()
             with app.app_context():
+                router(txn).dispose()
                 txn.engine.dispose()
     assert attempts.total == 2
+    assert (lost[0].up, lost[0].lag, lost[0].why) == (
+        True,
+        math.inf,
+        "not streaming from a primary",
+    )
