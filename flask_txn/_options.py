@@ -121,7 +121,6 @@ class Arguments:
                 " 'readonly=False' was given. Remove 'readonly', or 'replica' for a"
                 " block that writes."
             )
-        self.readonly = True
         if self.isolation == "SERIALIZABLE" or self.deferrable:
             raise ConfigError(
                 f"'replica=True' cannot run isolation={self.isolation!r},"
@@ -183,9 +182,11 @@ def resolve(block: Arguments, settings: Settings, engine: Engine, *, retrying: b
             f"'deferrable=True' needs isolation 'SERIALIZABLE', but the level in force"
             f" is {isolation!r}. Pass isolation='SERIALIZABLE'."
         )
+    postgresql = engine.dialect.name == "postgresql"
     options = Options(
         isolation=isolation,
-        readonly=block.readonly,
+        # A read on the primary is read-only too, as it would be on a standby.
+        readonly=block.readonly or (block.replica and postgresql),
         deferrable=block.deferrable,
         statement_timeout=block.statement_timeout,
         lock_timeout=block.lock_timeout,
@@ -193,13 +194,20 @@ def resolve(block: Arguments, settings: Settings, engine: Engine, *, retrying: b
         retry_on=block.retry_on,
         random=settings.random,
         veto=settings.rollback_on_status,
-        sqlite_begin=settings.sqlite_begin if engine.dialect.name == "sqlite" else None,
+        # A read takes no write lock as it begins.
+        sqlite_begin=_sqlite_begin(block, settings, engine.dialect.name),
         connect_timeout=settings.timeouts.connect,
         replica=block.replica,
         max_lag=block.max_lag,
     )
     _check_dialect(engine, options)
     return options
+
+
+def _sqlite_begin(block: Arguments, settings: Settings, dialect: str) -> str | None:
+    if dialect != "sqlite":
+        return None
+    return "DEFERRED" if block.replica else settings.sqlite_begin
 
 
 def _policy(block: Arguments, default: RetryPolicy) -> RetryPolicy:

@@ -51,6 +51,18 @@ class Standby(pgserver.PostgresServer):
         """Make the standby a primary (``pg_ctl promote`` waits until it accepts writes)."""
         self.run("pg_ctl", "-D", str(self.data), "-w", "promote")
 
+    def start_streaming(self) -> None:
+        """Start the stopped standby, and wait until it streams from its primary again."""
+        self.start_cluster()
+        engine = sa.create_engine(self.url, poolclass=sa.NullPool)
+        try:
+            wait_until(
+                engine,
+                "SELECT EXISTS (SELECT FROM pg_stat_wal_receiver WHERE status = 'streaming')",
+            )
+        finally:
+            engine.dispose()
+
     def stop_fast(self) -> None:
         """Stop the standby (it goes away; :meth:`start_cluster` brings it back)."""
         self.run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
@@ -75,12 +87,16 @@ def primary_lsn(primary: sa.Engine) -> str:
 
 
 def wait_for_replay(standby: sa.Engine, lsn: str, *, column: str = "replay") -> None:
-    """Poll (no sleep: each poll is one round trip) until the standby has replayed,
-    or received (``column="receive"``), the WAL up to ``lsn``."""
-    query = sa.text(f"SELECT pg_last_wal_{column}_lsn() >= CAST(:lsn AS pg_lsn)")
-    with standby.connect() as connection:
+    """Poll until the standby has replayed, or received (``column="receive"``), the WAL
+    up to ``lsn``."""
+    wait_until(standby, f"SELECT pg_last_wal_{column}_lsn() >= CAST('{lsn}' AS pg_lsn)")
+
+
+def wait_until(engine: sa.Engine, query: str) -> None:
+    """Poll (no sleep: each poll is one round trip) until ``query`` answers true."""
+    with engine.connect() as connection:
         for _ in range(POLLS):
-            if connection.scalar(query, {"lsn": lsn}):
+            if connection.exec_driver_sql(query).scalar():
                 return
             connection.rollback()
-    raise AssertionError(f"the standby did not {column} up to {lsn} in {POLLS} polls")
+    raise AssertionError(f"{query!r} was still false after {POLLS} polls")

@@ -14,6 +14,8 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
+from examples.bank.app import create_app
+from examples.bank.models import txn as bank_txn
 from flask_txn import ConfigError, FlaskTxn, _replicas, atomic, transaction_committed
 
 from . import replica
@@ -123,12 +125,7 @@ def _pause(standby: sa.Engine) -> None:
     """Stop replay on the standby, and wait (polling, bounded) until it has stopped."""
     with standby.connect() as connection:
         connection.exec_driver_sql("SELECT pg_wal_replay_pause()")
-        for _ in range(replica.POLLS):
-            state = connection.exec_driver_sql("SELECT pg_get_wal_replay_pause_state()").scalar()
-            if state == "paused":
-                return
-            connection.rollback()
-    raise AssertionError("replay did not pause")
+    replica.wait_until(standby, "SELECT pg_get_wal_replay_pause_state() = 'paused'")
 
 
 def _resume(standby: sa.Engine) -> None:
@@ -332,7 +329,7 @@ def test_a_standby_that_goes_down_is_left_out_and_comes_back(
             response = client.get("/count")
             assert (response.status_code, servers.seen[-1]) == (200, "primary")
     finally:
-        standby.start_cluster()
+        standby.start_streaming()
     with caplog.at_level(logging.INFO, "flask_txn"):
         assert client.get("/count").status_code == 200
     assert servers.seen[-1] != "primary"
@@ -354,7 +351,7 @@ def test_a_standby_lost_between_checks_falls_back_as_the_block_begins(
         assert client.get("/count").status_code == 200
         assert client.get("/count").status_code == 200
     finally:
-        pair[1].start_cluster()
+        pair[1].start_streaming()
     assert servers.seen[-2:] == ["primary", "primary"]
 
 
@@ -450,3 +447,51 @@ def test_failover_to_a_promoted_standby(tmp_path: Any) -> None:
         math.inf,
         "not streaming from a primary",
     )
+
+
+def test_the_bank_reads_balances_on_the_standby_and_shows_a_users_own_transfer(
+    pair: tuple[Any, replica.Standby], standby_engine: sa.Engine
+) -> None:
+    """The bank with a standby: with replay paused, the user who made a transfer sees it on
+    their next balance page (read on the primary, by their session cookie), another user
+    reads the standby's older balances; once replayed, both read the standby."""
+    app = create_app(
+        pair[0].url,
+        TESTING=True,
+        BANK_RESET=True,
+        BANK_ACCOUNTS=2,
+        BANK_OPENING_BALANCE=1_000,
+        TXN_REPLICA_URIS=[pair[1].url],
+        TXN_REPLICA_CHECK_INTERVAL=0,
+        TXN_REPLICA_MAX_LAG=3600,
+    )
+    user, other = app.test_client(), app.test_client()
+    servers = Servers(app)
+    with app.app_context():
+        replica.wait_for_replay(standby_engine, replica.primary_lsn(bank_txn.engine))
+
+    def balances(client: Any) -> tuple[list[int], str]:
+        page = client.get("/stats").json
+        return [account["balance"] for account in page["accounts"]], servers.seen[-1]
+
+    try:
+        assert balances(user)[0] == [1_000, 1_000]
+        _pause(standby_engine)
+        transfer = {"from": 1, "to": 2, "amount": 300}
+        headers = {"Idempotency-Key": "replica-1"}
+        assert user.post("/transfers", json=transfer, headers=headers).status_code == 201
+        assert balances(user) == ([700, 1_300], "primary")
+        stale, server = balances(other)
+        assert (stale, str(pair[1].port) in server) == ([1_000, 1_000], True)
+        _resume(standby_engine)
+        with app.app_context():
+            replica.wait_for_replay(standby_engine, replica.primary_lsn(bank_txn.engine))
+        for client in (user, other):
+            fresh, server = balances(client)
+            assert (fresh, str(pair[1].port) in server) == ([700, 1_300], True)
+    finally:
+        servers.close()
+        with app.app_context():
+            router(bank_txn).dispose()
+            bank_txn.engine.dispose()
+    assert app.extensions["bank"].reads["primary"] == 1
