@@ -342,10 +342,11 @@ class Attempt:
         assert policy is not None
         sqlstate = sqlstate_of(error)
         log.info(
-            "Retrying transaction: attempt %d failed with %s; waiting %.3f s.",
+            "Retrying transaction: attempt %d failed with %s%s; waiting %.3f s.",
             self.number,
             # A connection that was lost or never made has no SQLSTATE: name the error.
             f"SQLSTATE {sqlstate}" if sqlstate else type(error).__name__,
+            "" if self.server == _replicas.PRIMARY else f" on standby {self.server}",
             delay,
         )
         if _signals.transaction_retrying.receivers:

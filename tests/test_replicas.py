@@ -316,6 +316,51 @@ def test_a_standby_behind_max_lag_is_skipped(
     assert "more than max_lag 0.0 s" in caplog.text
 
 
+def test_a_recovery_conflict_on_the_standby_is_retried(
+    routed: Any, pair: tuple[Any, replica.Standby], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The primary takes a lock that the standby's open read conflicts with: replaying it,
+    the standby ends that read's session (max_standby_streaming_delay = 0), and the block
+    is re-run like any other lost connection, on the standby again."""
+    app, txn, servers = routed()
+    attempts = Attempts()
+    settings = sa.create_engine(pair[1].url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+
+    def streaming_delay(value: str) -> None:
+        """Set the standby's delay (``"30s"``: back to its default) and wait until it is read."""
+        change = (
+            "SET max_standby_streaming_delay = 0"
+            if value == "0"
+            else "RESET max_standby_streaming_delay"
+        )
+        with settings.connect() as connection:
+            connection.exec_driver_sql(f"ALTER SYSTEM {change}")
+            connection.exec_driver_sql("SELECT pg_reload_conf()")
+        replica.wait_until(
+            settings, f"SELECT current_setting('max_standby_streaming_delay') = '{value}'"
+        )
+
+    @app.get("/conflict")
+    @atomic(replica=True, retries=1, wait_initial=0, wait_max=0)
+    def conflict() -> dict[str, Any]:
+        count = txn.session.scalar(sa.select(sa.func.count()).select_from(Item))
+        if attempts.first():
+            with txn.engine.begin() as connection:
+                connection.exec_driver_sql("LOCK TABLE item IN ACCESS EXCLUSIVE MODE")
+            replica.wait_for_replay(settings, lsn(txn))
+            count = txn.session.scalar(sa.select(sa.func.count()).select_from(Item))
+        return {"count": count}
+
+    streaming_delay("0")
+    try:
+        with caplog.at_level(logging.INFO, "flask_txn"):
+            assert app.test_client().get("/conflict").json == {"count": 0}
+    finally:
+        streaming_delay("30s")
+    assert (attempts.total, servers.seen[-1] != "primary") == (2, True)
+    assert f"on standby {servers.seen[-1]}" in caplog.text
+
+
 def test_a_standby_that_goes_down_is_left_out_and_comes_back(
     routed: Any, pair: tuple[Any, replica.Standby], caplog: pytest.LogCaptureFixture
 ) -> None:
