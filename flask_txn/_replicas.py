@@ -61,6 +61,8 @@ _STATUS = text(
     " OR EXISTS (SELECT FROM pg_stat_wal_receiver WHERE status = 'streaming')"
 )
 _COMMIT_POSITION = "SELECT CAST(pg_current_wal_insert_lsn() AS text)"
+#: Whether the open transaction wrote (PostgreSQL 9.6 and later).
+_HAS_XID = text("SELECT txid_current_if_assigned() IS NOT NULL")
 
 # Each engine a router serves -> (the router, True for the app's async engine).
 _ROUTERS: weakref.WeakKeyDictionary[Engine, tuple[Replicas, bool]] = weakref.WeakKeyDictionary()
@@ -361,8 +363,18 @@ def commit(
 ) -> BaseException | None:
     """``commit(session)``; after a commit that wrote, keep its WAL position for the reads."""
     routed = _ROUTERS.get(engine)
-    wrote = routed is not None and has_pending_writes(session)
+    try:
+        wrote = routed is not None and _BIND not in session.info and _wrote(session)
+    except Exception as exc:
+        # The transaction may be aborted now: COMMIT would silently roll it back.
+        return exc
     error = commit(session)
     if routed is not None and wrote and error is None:
         routed[0].committed(engine)
     return error
+
+
+def _wrote(session: Session) -> bool:
+    """Whether the primary's transaction wrote: the writes the session saw, else whether
+    the server gave it a transaction ID (a raw SQL string that wrote, a trigger)."""
+    return has_pending_writes(session) or bool(session.execute(_HAS_XID).scalar())

@@ -90,6 +90,13 @@ def make(primary_url: str, standby_url: str, **config: Any) -> tuple[Flask, Flas
         with atomic(replica=True):
             return {"count": txn.session.scalar(sa.select(sa.func.count()).select_from(Item))}
 
+    @app.post("/raw-write-then-count")
+    def raw_write_then_count() -> dict[str, Any]:
+        with atomic() as session:
+            session.execute(sa.text("INSERT INTO item (name, value) VALUES ('raw', 0)"))
+        with atomic(replica=True) as session:
+            return {"count": session.scalar(sa.select(sa.func.count()).select_from(Item))}
+
     return app, txn, Servers(app)
 
 
@@ -215,13 +222,40 @@ def test_a_request_reads_its_own_write_while_replay_is_paused(
     _pause(standby_engine)
     assert client.post("/write-then-count").json == {"count": 1}
     assert servers.seen[1:] == ["primary", "primary"]
+    # A write the session cannot see (SQL text): the server's transaction ID tells.
+    assert client.post("/raw-write-then-count").json == {"count": 2}
+    assert servers.seen[3:] == ["primary", "primary"]
     stale = client.get("/count").json
     assert (stale, servers.seen[-1] != "primary") == ({"count": 0}, True)
     _resume(standby_engine)
     with app.app_context():
         replica.wait_for_replay(standby_engine, lsn(txn))
-    assert client.get("/count").json == {"count": 1}
+    assert client.get("/count").json == {"count": 2}
     assert servers.seen[-1] != "primary"
+
+
+def test_a_connection_lost_before_commit_while_asking_whether_it_wrote_is_retried(
+    routed: Any,
+) -> None:
+    """The question "did this transaction write?" is asked before COMMIT: if its connection
+    is lost there, the attempt fails like any lost connection, and is re-run once."""
+    app, txn, _servers = routed()
+    attempts = Attempts()
+
+    @app.post("/lost")
+    @atomic(retries=1, wait_initial=0, wait_max=0)
+    def lost() -> dict[str, Any]:
+        txn.session.execute(sa.text("INSERT INTO item (name, value) VALUES ('raw', 0)"))
+        if attempts.first():
+            pid = txn.session.scalar(sa.text("SELECT pg_backend_pid()"))
+            with txn.engine.connect() as other:
+                other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        return {}
+
+    assert app.test_client().post("/lost").status_code == 200
+    with app.app_context(), txn.engine.connect() as connection:
+        rows = connection.scalar(sa.select(sa.func.count()).select_from(Item))
+    assert (attempts.total, rows) == (2, 1)
 
 
 def test_read_your_writes_off_reads_the_standby_at_once(
