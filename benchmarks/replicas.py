@@ -20,12 +20,9 @@ spreads, not what a second machine would add.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
-import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +34,8 @@ from flask_txn import FlaskTxn, atomic, transaction_committed
 from tests import replica
 from tests.conftest import Base, Item
 
-from .report import FRONT_MATTER
+from .async_views import timed
+from .report import commit, save_table
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Rows in the table: the aggregate read scans them all.
@@ -60,6 +58,8 @@ class Variant:
         self.client = app.test_client()
         self.servers: dict[str, int] = {}
         self._lock = threading.Lock()
+        #: per client thread: how many requests it sent.
+        self._sent = threading.local()
         transaction_committed.connect(self._committed, sender=app, weak=False)
 
     def _committed(self, _sender: Any, *, endpoint: str | None, server: str, **_: Any) -> None:
@@ -67,9 +67,11 @@ class Variant:
             with self._lock:
                 self.servers[server] = self.servers.get(server, 0) + 1
 
-    def send(self, number: int) -> None:
-        """The ``number``-th request of a client: a read, or every tenth a write."""
-        if number % 10 < READS_PER_TEN:
+    def get(self) -> None:
+        """A client's next request: a read, or every tenth a write."""
+        sent = getattr(self._sent, "count", 0)
+        self._sent.count = sent + 1
+        if sent % 10 < READS_PER_TEN:
             response = self.client.get("/read")
         else:
             response = self.client.post("/write")
@@ -103,32 +105,6 @@ def make(name: str, url: str, read: Callable[[], Any], **config: Any) -> Variant
     return Variant(name, app, txn)
 
 
-def run(variant: Variant, requests: int, threads: int) -> float:
-    """Requests per second over ``requests`` requests from ``threads`` client threads."""
-    barrier = threading.Barrier(threads + 1)
-    failures: list[BaseException] = []
-
-    def client() -> None:
-        barrier.wait()
-        try:
-            for number in range(requests // threads):
-                variant.send(number)
-        except BaseException as exc:
-            failures.append(exc)
-
-    workers = [threading.Thread(target=client) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for worker in workers:
-        worker.join()
-    elapsed = time.perf_counter() - start
-    if failures:
-        raise failures[0]
-    return requests // threads * threads / elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
@@ -157,11 +133,8 @@ def main() -> None:
             finally:
                 alone.close()
                 routed.close()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     lines = [
-        f"`python -m benchmarks.replicas` at {commit or 'an unknown commit'}: PostgreSQL"
+        f"`python -m benchmarks.replicas` at {commit()}: PostgreSQL"
         f" {version}, primary and standby on this machine, {args.rounds} interleaved rounds of"
         f" {args.requests} requests per variant ({READS_PER_TEN}0% reads) from"
         f" {args.threads} client threads; medians",
@@ -173,12 +146,7 @@ def main() -> None:
         lines.append(
             f"| {name} | {row['rate']:,.0f} | {row['ratio']:.2f} | {row['standby_share']:.0%} |"
         )
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.md").write_text(FRONT_MATTER + report + "\n", encoding="utf-8")
-        (args.out / "results.json").write_text(json.dumps(table, indent=2) + "\n", "utf-8")
+    save_table(args.out, "\n".join(lines), table)
 
 
 def _measure(
@@ -187,12 +155,12 @@ def _measure(
     """Medians per variant: the rate, its ratio to the first variant's in the same round,
     and the share of reads the standby served."""
     for variant in pair:
-        run(variant, 40, 1)  # warm up: first connections, the standby's first check
+        timed(variant.get, 40, 1)  # warm up: first connections, the standby's first check
     rates: dict[str, list[float]] = {v.name: [] for v in pair}
     ratios: dict[str, list[float]] = {v.name: [] for v in pair}
     for round_ in range(rounds):
         order = pair if round_ % 2 == 0 else pair[::-1]
-        measured = {variant.name: run(variant, requests, threads) for variant in order}
+        measured = {variant.name: timed(variant.get, requests, threads) for variant in order}
         for variant in pair:
             rates[variant.name].append(measured[variant.name])
             ratios[variant.name].append(measured[variant.name] / measured[pair[0].name])

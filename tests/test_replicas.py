@@ -513,6 +513,7 @@ def test_failover_to_a_promoted_standby(tmp_path: Any) -> None:
         try:
             assert client.post("/failover-write").status_code == 200
             assert client.get("/count").json == {"count": 2}
+            assert str(standby.port) in servers.seen[-1]  # promoted, it still serves reads
             assert client.post("/write").status_code == 200
             assert client.get("/count").json == {"count": 3}
         finally:
