@@ -47,7 +47,8 @@ PRIMARY = "primary"
 READ_YOUR_WRITES = ("off", "request", "session")
 #: Where the last commit's WAL position is kept: ``flask.g`` and Flask's session.
 LSN_KEY = "flask_txn_lsn"
-#: ``session.info`` key: the bind a block on a standby replaced, put back as it ends.
+#: ``session.info`` key, set while a replica block runs (on a standby or not): the
+#: session's own bind, put back as the block ends.
 _BIND = "flask_txn.bind"
 #: A WAL position past any real one: read from the primary (the position is unknown).
 _UNKNOWN = 1 << 64
@@ -247,13 +248,13 @@ class Replicas:
     ) -> str:
         """Begin on a standby that may serve the block, else on the primary; its name."""
         max_lag = self.settings.max_lag if options.max_lag is None else options.max_lag
+        session.info.setdefault(_BIND, session.bind)
         needed = self.needed()
         first = next(self._turn)
         count = len(self.standbys)
         for standby in (self.standbys[(first + i) % count] for i in range(count)):
             if not self._may_serve(standby, max_lag, needed):
                 continue
-            session.info.setdefault(_BIND, session.bind)
             try:
                 session.bind = standby.async_engine() if is_async else standby.engine
                 start(_on_standby(options))
@@ -364,6 +365,7 @@ def commit(
     """``commit(session)``; after a commit that wrote, keep its WAL position for the reads."""
     routed = _ROUTERS.get(engine)
     try:
+        # A replica block is read-only wherever it ran: no need to ask.
         wrote = routed is not None and _BIND not in session.info and _wrote(session)
     except Exception as exc:
         # The transaction may be aborted now: COMMIT would silently roll it back.
