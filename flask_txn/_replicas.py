@@ -59,7 +59,8 @@ _STATUS = text(
     " CASE WHEN NOT pg_is_in_recovery() OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()"
     " THEN 0 ELSE EXTRACT(EPOCH FROM clock_timestamp() - pg_last_xact_replay_timestamp()) END,"
     " NOT pg_is_in_recovery()"
-    " OR EXISTS (SELECT FROM pg_stat_wal_receiver WHERE status = 'streaming')"
+    # A role without pg_read_all_stats sees the receiver's row, but not its status.
+    " OR EXISTS (SELECT FROM pg_stat_wal_receiver WHERE status IS NULL OR status = 'streaming')"
 )
 _COMMIT_POSITION = "SELECT CAST(pg_current_wal_insert_lsn() AS text)"
 #: Whether the open transaction wrote (PostgreSQL 9.6 and later).

@@ -168,6 +168,25 @@ def test_replica_blocks_read_on_the_standby_and_the_rest_on_the_primary(
     assert servers.seen[1:] == ["primary", "primary"]
 
 
+def test_a_role_without_monitoring_rights_still_reads_the_standby(
+    routed: Any, pair: tuple[Any, replica.Standby]
+) -> None:
+    """A role that cannot see the WAL receiver's status (no pg_read_all_stats) still finds
+    the standby up and streaming, and its replica blocks run there."""
+    admin = sa.create_engine(pair[0].url, poolclass=sa.NullPool)
+    with admin.begin() as connection:
+        connection.exec_driver_sql("CREATE ROLE plain LOGIN")
+    try:
+        plain = pair[1].url.replace("postgres@", "plain@")
+        app, _txn, servers = routed(TXN_REPLICA_URIS=[plain])
+        with app.app_context(), atomic(replica=True) as session:
+            assert session.scalar(sa.text("SELECT pg_is_in_recovery()")) is True
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql("DROP ROLE plain")
+    assert servers.seen == [_replicas.hide_password(sa.make_url(plain))]
+
+
 def test_serializable_app_reads_the_standby_in_repeatable_read(routed: Any) -> None:
     """A hot standby refuses SERIALIZABLE: a replica block of a SERIALIZABLE app reads a
     REPEATABLE READ snapshot there; an explicit SERIALIZABLE is refused at once."""
