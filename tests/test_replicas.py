@@ -18,7 +18,7 @@ from examples.bank.app import create_app
 from examples.bank.models import txn as bank_txn
 from flask_txn import ConfigError, FlaskTxn, _replicas, atomic, transaction_committed
 
-from . import replica
+from . import pgbouncer, replica
 from .conftest import Attempts, Base, Item
 
 
@@ -185,6 +185,19 @@ def test_a_role_without_monitoring_rights_still_reads_the_standby(
         with admin.begin() as connection:
             connection.exec_driver_sql("DROP ROLE plain")
     assert servers.seen == [_replicas.hide_password(sa.make_url(plain))]
+
+
+def test_a_standby_behind_pgbouncer(routed: Any, pair: tuple[Any, replica.Standby]) -> None:
+    """PgBouncer in transaction mode in front of the standby: the status check, the block
+    and read-your-writes each run in transactions of their own, and the reads go there."""
+    with pgbouncer.running(sa.make_url(pair[1].url)) as bouncer:
+        through = bouncer.render_as_string(hide_password=False)
+        app, _txn, servers = routed(TXN_REPLICA_URIS=[through])
+        client = app.test_client()
+        assert client.get("/count").json == {"count": 0}
+        assert client.post("/write-then-count").json == {"count": 1}
+        routed_servers = list(servers.seen)
+    assert routed_servers == [_replicas.hide_password(bouncer), "primary", "primary"]
 
 
 def test_serializable_app_reads_the_standby_in_repeatable_read(routed: Any) -> None:
