@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from ._config import Settings, check_url, hide_password
 from ._engine import async_url, make_engine
-from ._errors import ConfigError
+from ._errors import AmbiguousCommitError, ConfigError
 from ._options import Options
 from ._session import JOINED, AsyncDatabase, AsyncWorkSession, has_pending_writes, track_writes
 from ._timeouts import check_seconds
@@ -372,7 +372,9 @@ def commit(
         # The transaction may be aborted now: COMMIT would silently roll it back.
         return exc
     error = commit(session)
-    if routed is not None and wrote and error is None:
+    # After an ambiguous COMMIT the write may have happened: the position read now
+    # is past it if it did, so the user's next reads still see it.
+    if routed is not None and wrote and (error is None or isinstance(error, AmbiguousCommitError)):
         routed[0].committed(engine)
     return error
 

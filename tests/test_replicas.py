@@ -290,6 +290,31 @@ def test_a_connection_lost_before_commit_while_asking_whether_it_wrote_is_retrie
     assert (attempts.total, rows) == (2, 1)
 
 
+def test_an_ambiguous_commit_keeps_the_position_for_the_users_next_reads(
+    routed: Any,
+) -> None:
+    """The connection is lost as COMMIT is sent: the client gets a 502 (the write may have
+    committed), and the user's session still carries a WAL position past it, so their next
+    reads wait for it as for any write."""
+    app, txn, _servers = routed(TXN_REPLICA_READ_YOUR_WRITES="session", SECRET_KEY="k")
+
+    def lose_connection(connection: sa.Connection) -> None:
+        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with txn.engine.connect() as other:
+            other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+    client = app.test_client()
+    with app.app_context():
+        sa.event.listen(txn.engine, "commit", lose_connection)
+    try:
+        assert client.post("/write").status_code == 502
+    finally:
+        with app.app_context():
+            sa.event.remove(txn.engine, "commit", lose_connection)
+    with client.session_transaction() as session:
+        assert _replicas.LSN_KEY in session
+
+
 def test_read_your_writes_off_reads_the_standby_at_once(
     routed: Any, standby_engine: sa.Engine
 ) -> None:
