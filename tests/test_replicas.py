@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from flask_txn import ConfigError, FlaskTxn, _replicas, atomic, transaction_comm
 
 from . import pgbouncer, replica
 from .conftest import Attempts, Base, Item
+from .pgserver import free_port
 
 
 @pytest.fixture(scope="session")
@@ -632,3 +634,25 @@ def test_the_bank_reads_balances_on_the_standby_and_shows_a_users_own_transfer(
             router(bank_txn).dispose()
             bank_txn.engine.dispose()
     assert app.extensions["bank"].reads["primary"] == 1
+
+
+def test_no_standby_password_in_signals_logs_or_errors(
+    routed: Any, pair: tuple[Any, replica.Standby], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A standby's password never shows: not in the signals' server, the logs (a standby
+    that is down too), nor the error for a bad TXN_REPLICA_URIS."""
+    secret = urllib.parse.quote("s3cr:et/P@ss", safe="")
+    standby = pair[1].url.replace("postgres@", f"postgres:{secret}@")
+    nowhere = f"postgresql+psycopg2://postgres:{secret}@127.0.0.1:{free_port()}/postgres"
+    with caplog.at_level(logging.INFO, "flask_txn"):
+        app, _txn, servers = routed(TXN_REPLICA_URIS=[nowhere, standby])
+        with app.app_context():
+            for _ in range(2):  # each standby first, in turn
+                with atomic(replica=True) as session:
+                    session.scalar(sa.text("SELECT 1"))
+        with pytest.raises(ConfigError) as raised:
+            make(pair[0].url, standby, TXN_REPLICA_URIS=standby)
+    shown = [*servers.seen, caplog.text, str(raised.value)]
+    assert [text for text in shown if secret in text or "P@ss" in text] == []
+    assert servers.seen == [_replicas.hide_password(sa.make_url(standby))] * 2
+    assert "is out of rotation: down" in caplog.text
