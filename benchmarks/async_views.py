@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +32,7 @@ from flask_txn import FlaskTxn, atomic
 from tests import pgserver
 from tests.conftest import Base, Item
 
-from .report import FRONT_MATTER
+from .report import commit, save_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,22 +61,29 @@ class Variant:
 def run(variant: Variant, requests: int, threads: int) -> tuple[float, float]:
     """Requests per second, and new connections per request, over ``requests``
     requests sent by ``threads`` client threads at once."""
-    barrier = threading.Barrier(threads + 1)
+    connects = variant.connects
+    rate = timed(variant.get, requests, threads)
+    done = requests // threads * threads
+    return rate, (variant.connects - connects) / done
 
+
+def timed(send: Callable[[], None], requests: int, threads: int) -> float:
+    """Requests per second over ``requests`` calls of ``send`` from ``threads`` client
+    threads, started together."""
+    barrier = threading.Barrier(threads + 1)
     failures: list[BaseException] = []
 
     def client() -> None:
         barrier.wait()
         try:
             for _ in range(requests // threads):
-                variant.get()
+                send()
         except BaseException as exc:
             failures.append(exc)
 
     workers = [threading.Thread(target=client) for _ in range(threads)]
     for worker in workers:
         worker.start()
-    connects = variant.connects
     barrier.wait()
     start = time.perf_counter()
     for worker in workers:
@@ -86,8 +91,7 @@ def run(variant: Variant, requests: int, threads: int) -> tuple[float, float]:
     elapsed = time.perf_counter() - start
     if failures:
         raise failures[0]
-    done = requests // threads * threads
-    return done / elapsed, (variant.connects - connects) / done
+    return requests // threads * threads / elapsed
 
 
 def _flask_txn_app(name: str, url: sa.URL, **config: Any) -> tuple[Flask, FlaskTxn]:
@@ -169,11 +173,8 @@ def main() -> None:
         finally:
             for variant in chosen:
                 variant.close()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     lines = [
-        f"`python -m benchmarks.async_views` at {commit or 'an unknown commit'}:"
+        f"`python -m benchmarks.async_views` at {commit()}:"
         f" PostgreSQL {version}, {args.rounds} interleaved rounds of {args.requests}"
         f" requests per variant, from 1 client thread and from {args.threads}; medians",
         "",
@@ -185,12 +186,7 @@ def main() -> None:
         lines.append(
             f"| {name} | {row['rate_1']:,.0f} | {row['rate_n']:,.0f} | {row['connects']:.2f} |"
         )
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.md").write_text(FRONT_MATTER + report + "\n", encoding="utf-8")
-        (args.out / "results.json").write_text(json.dumps(table, indent=2) + "\n", "utf-8")
+    save_table(args.out, "\n".join(lines), table)
 
 
 def _measure(

@@ -6,8 +6,10 @@ again from the ``results.json`` in ``FOLDER``, without measuring anything.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,25 @@ def header(facts: dict[str, Any]) -> str:
     """The facts and settings of a run, as markdown."""
     duration = f"- whole run: {facts['duration_s']} s\n" if "duration_s" in facts else ""
     return f"{machine.markdown(facts)}{facts.get('settings', '')}{duration}"
+
+
+def commit() -> str:
+    """The short hash of the checked-out commit, for a report's first line."""
+    root = Path(__file__).resolve().parent.parent
+    found = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root
+    ).stdout.strip()
+    return found or "an unknown commit"
+
+
+def save_table(out: Path | None, report: str, table: Mapping[str, Any]) -> None:
+    """Print a one-table benchmark's report; with ``out``, save it as ``results.md``
+    and its figures as ``results.json`` there."""
+    print(report)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(FRONT_MATTER + report + "\n", encoding="utf-8")
+        (out / "results.json").write_text(json.dumps(table, indent=2) + "\n", "utf-8")
 
 
 def write(

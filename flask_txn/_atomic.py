@@ -63,6 +63,8 @@ class Atomic(Arguments):
         retry_on: RetryOn | None = None,
         readonly: bool = UNSET,
         deferrable: bool = UNSET,
+        replica: bool = False,
+        max_lag: float | None = None,
         statement_timeout: float | None = None,
         lock_timeout: float | None = None,
         durable: bool = False,
@@ -79,6 +81,8 @@ class Atomic(Arguments):
                 "retry_on": UNSET if retry_on is None else retry_on,
                 "readonly": readonly,
                 "deferrable": deferrable,
+                "replica": replica,
+                "max_lag": max_lag,
                 "statement_timeout": statement_timeout,
                 "lock_timeout": lock_timeout,
                 "durable": durable,
@@ -335,6 +339,8 @@ def atomic(
     retry_on: RetryOn | None = ...,
     readonly: bool = ...,
     deferrable: bool = ...,
+    replica: bool = ...,
+    max_lag: float | None = ...,
     statement_timeout: float | None = ...,
     lock_timeout: float | None = ...,
     durable: bool = ...,
@@ -350,8 +356,8 @@ def atomic(func: Callable[P, R] | None = None, /, **options: Any) -> Any:
 
     :param func: the function, when used as a bare ``@atomic``.
     :param options: ``isolation``, ``retries``, ``wait_initial``, ``wait_max``,
-        ``deadline``, ``retry_on``, ``readonly``, ``deferrable``,
-        ``statement_timeout``, ``lock_timeout``, ``durable``.
+        ``deadline``, ``retry_on``, ``readonly``, ``deferrable``, ``replica``,
+        ``max_lag``, ``statement_timeout``, ``lock_timeout``, ``durable``.
     """
     check_names(options)
     return decorate_or_open(Atomic(**options), func)

@@ -64,6 +64,11 @@ DEFAULTS: dict[str, Any] = {
     # 24 hours, as Stripe keeps its keys.
     "TXN_IDEMPOTENCY_TTL": 86400.0,
     "TXN_IDEMPOTENCY_SCOPE": None,
+    # Read replicas (flask_txn._replicas reads and checks them).
+    "TXN_REPLICA_URIS": (),
+    "TXN_REPLICA_MAX_LAG": 5.0,
+    "TXN_REPLICA_CHECK_INTERVAL": 1.0,
+    "TXN_REPLICA_READ_YOUR_WRITES": "request",
     "TXN_ASYNC_DATABASE_URI": None,
     "TXN_ASYNC_ENGINE_OPTIONS": {},
 }
@@ -148,7 +153,7 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
     wait_initial = check_seconds("TXN_RETRY_WAIT_INITIAL", config["TXN_RETRY_WAIT_INITIAL"])
     wait_max = check_seconds("TXN_RETRY_WAIT_MAX", config["TXN_RETRY_WAIT_MAX"])
     check_wait_order("TXN_RETRY_WAIT_MAX", wait_initial, wait_max)
-    url = _check_url(config["TXN_DATABASE_URI"])
+    url = check_url(config["TXN_DATABASE_URI"])
     deadline = check_seconds(
         "TXN_RETRY_DEADLINE", config["TXN_RETRY_DEADLINE"], optional=True, zero=False
     )
@@ -176,7 +181,7 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
         ),
         async_url=None
         if config["TXN_ASYNC_DATABASE_URI"] is None
-        else _check_url(config["TXN_ASYNC_DATABASE_URI"], "TXN_ASYNC_DATABASE_URI"),
+        else check_url(config["TXN_ASYNC_DATABASE_URI"], "TXN_ASYNC_DATABASE_URI"),
         async_engine_options=_check_mapping(
             "TXN_ASYNC_ENGINE_OPTIONS", config["TXN_ASYNC_ENGINE_OPTIONS"], "{'echo': True}"
         ),
@@ -289,7 +294,8 @@ def check_wait_order(name: str, wait_initial: float, wait_max: float) -> None:
         )
 
 
-def _check_url(value: object, name: str = "TXN_DATABASE_URI") -> URL:
+def check_url(value: object, name: str = "TXN_DATABASE_URI") -> URL:
+    """A database URL from a config value, or an error naming ``name``."""
     if value is None:
         raise ConfigError(
             "'TXN_DATABASE_URI' is not set. Set it in the app's config (or pass"

@@ -30,8 +30,9 @@ from ._config import (
 from ._engine import make_engine
 from ._errorhandlers import register_default_error_handlers
 from ._errors import ConfigError, PendingWritesError, UsageError
-from ._listeners import watch
+from ._listeners import watch, watch_errors
 from ._nplusone import guard_for
+from ._replicas import Replicas, read_replica_settings
 from ._signals import payload, send_rolled_back
 from ._state import EXTENSION_KEY, AppState, app_state
 from ._view import check_route_order
@@ -119,6 +120,13 @@ class FlaskTxn:
             event.listen(factory, "do_orm_execute", guard)
         if async_database is not None:
             watch(async_database.sync_engine, _session.AsyncWorkSession)
+        replica_settings = read_replica_settings(app.config, settings)
+        if replica_settings.urls:
+            replicas = Replicas(replica_settings, settings, watch_errors)
+            replicas.watch(engine, is_async=False)
+            if async_database is not None:
+                replicas.watch(async_database.sync_engine, is_async=True)
+            weakref.finalize(app, replicas.dispose)
         self._states[app] = AppState(
             settings, engine, factory, registry, async_database, adopted=adopted
         )

@@ -27,7 +27,7 @@ def record_error(context: ExceptionContext) -> None:
     is safe, and the server may be back by then.
     """
     attempt = current()
-    if attempt is None or context.engine is not attempt.engine or context.is_pre_ping:
+    if attempt is None or context.is_pre_ping or not _concerns(attempt, context):
         return
     record_on(attempt, context)
 
@@ -46,6 +46,15 @@ def record_on(attempt: Attempt, context: ExceptionContext) -> None:
         (context.is_disconnect and not timed_out(error)) or reconnect or is_retryable(error)
     ):
         attempt.first_retriable_error = error
+
+
+def _concerns(attempt: Attempt, context: ExceptionContext) -> bool:
+    """An error of the attempt's engine, or of its open connection to a standby. A
+    standby that cannot be reached as the block begins is not the attempt's failure:
+    the block then begins on another server (flask_txn._replicas)."""
+    if context.engine is attempt.engine:
+        return True
+    return context.connection is not None and context.engine is attempt.session.bind
 
 
 def _may_reconnect(attempt: Attempt) -> bool:
@@ -68,6 +77,11 @@ def refuse_inner_commit(session: Session) -> None:
             " even if the rest fails. Remove the call, or use 'session.flush()' to send"
             " the changes to the database without committing."
         )
+
+
+def watch_errors(engine: Engine) -> None:
+    """Listen to ``engine``'s errors on behalf of the attempts that use it (a standby's)."""
+    event.listen(engine, "handle_error", record_error)
 
 
 def watch(engine: Engine, sessions: Any) -> None:

@@ -59,7 +59,9 @@ class Arguments:
         "explicit",
         "isolation",
         "lock_timeout",
+        "max_lag",
         "readonly",
+        "replica",
         "retries",
         "retry_on",
         "statement_timeout",
@@ -87,6 +89,20 @@ class Arguments:
         self.durable: bool = check_flag("durable", given["durable"])
         self.statement_timeout = _positive_or_none("statement_timeout", given["statement_timeout"])
         self.lock_timeout = _positive_or_none("lock_timeout", given["lock_timeout"])
+        self.replica: bool = check_flag("replica", given["replica"])
+        self.max_lag: float | None = check_seconds(
+            "max_lag",
+            given["max_lag"],
+            optional=True,
+            allowed="a finite number of seconds >= 0, or None for 'TXN_REPLICA_MAX_LAG'",
+        )
+        if self.replica:
+            self._check_replica()
+        elif self.max_lag is not None:
+            raise ConfigError(
+                f"'max_lag={self.max_lag!r}' only applies to a block on a standby: add"
+                " 'replica=True', or remove 'max_lag'."
+            )
         if self.deferrable and not self.readonly:
             raise ConfigError(
                 "'deferrable=True' needs 'readonly=True' (and isolation 'SERIALIZABLE'):"
@@ -95,6 +111,22 @@ class Arguments:
         if self.deferrable and "isolation" in self.explicit and self.isolation != "SERIALIZABLE":
             raise ConfigError(
                 f"'deferrable=True' needs isolation 'SERIALIZABLE', got {self.isolation!r}."
+            )
+
+    def _check_replica(self) -> None:
+        """``replica=True`` reads on a hot standby: read-only, and never SERIALIZABLE."""
+        if "readonly" in self.explicit and not self.readonly:
+            raise ConfigError(
+                "'replica=True' runs the block read-only on a standby, but"
+                " 'readonly=False' was given. Remove 'readonly', or 'replica' for a"
+                " block that writes."
+            )
+        if self.isolation == "SERIALIZABLE" or self.deferrable:
+            raise ConfigError(
+                f"'replica=True' cannot run isolation={self.isolation!r},"
+                f" deferrable={self.deferrable!r}: PostgreSQL runs no SERIALIZABLE"
+                " transaction on a hot standby. Use isolation='REPEATABLE READ' (one"
+                " snapshot of what the standby replayed), or remove 'replica'."
             )
 
 
@@ -122,6 +154,10 @@ class Options:
     #: ``TXN_CONNECT_TIMEOUT``: how long a block keeps retrying connections that
     #: could not be made.
     connect_timeout: float | None
+    #: ``atomic(replica=True)``: the block may run on a standby (flask_txn._replicas).
+    replica: bool = False
+    #: ``atomic(max_lag=...)``; None for ``TXN_REPLICA_MAX_LAG``.
+    max_lag: float | None = None
     #: nothing to apply as the transaction begins: no isolation level, BEGIN
     #: mode or read-only flag, no ``SET LOCAL`` (the default; checked per block).
     plain: bool = dataclasses.field(init=False)
@@ -146,9 +182,11 @@ def resolve(block: Arguments, settings: Settings, engine: Engine, *, retrying: b
             f"'deferrable=True' needs isolation 'SERIALIZABLE', but the level in force"
             f" is {isolation!r}. Pass isolation='SERIALIZABLE'."
         )
+    postgresql = engine.dialect.name == "postgresql"
     options = Options(
         isolation=isolation,
-        readonly=block.readonly,
+        # A read on the primary is read-only too, as it would be on a standby.
+        readonly=block.readonly or (block.replica and postgresql),
         deferrable=block.deferrable,
         statement_timeout=block.statement_timeout,
         lock_timeout=block.lock_timeout,
@@ -156,11 +194,20 @@ def resolve(block: Arguments, settings: Settings, engine: Engine, *, retrying: b
         retry_on=block.retry_on,
         random=settings.random,
         veto=settings.rollback_on_status,
-        sqlite_begin=settings.sqlite_begin if engine.dialect.name == "sqlite" else None,
+        # A read takes no write lock as it begins.
+        sqlite_begin=_sqlite_begin(block, settings, engine.dialect.name),
         connect_timeout=settings.timeouts.connect,
+        replica=block.replica,
+        max_lag=block.max_lag,
     )
     _check_dialect(engine, options)
     return options
+
+
+def _sqlite_begin(block: Arguments, settings: Settings, dialect: str) -> str | None:
+    if dialect != "sqlite":
+        return None
+    return "DEFERRED" if block.replica else settings.sqlite_begin
 
 
 def _policy(block: Arguments, default: RetryPolicy) -> RetryPolicy:

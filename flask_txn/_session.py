@@ -65,17 +65,18 @@ def make_sessionmaker(engine: Engine, settings: Settings) -> sessionmaker[Sessio
     return factory
 
 
-def track_writes(factory: sessionmaker[Session]) -> None:
-    """Record, per transaction, whether the factory's sessions wrote (for
-    :func:`has_pending_writes`); listening twice is harmless."""
+def track_writes(sessions: Any) -> None:
+    """Record in ``session.info`` the writes made in each transaction of ``sessions``
+    (a sessionmaker or a Session class), for :func:`has_pending_writes`; listening
+    twice is harmless."""
     for name, listener in (
         ("after_flush", _mark_written),
         ("do_orm_execute", _mark_dml),
         ("after_commit", _clear_written),
         ("after_rollback", _clear_written),
     ):
-        if not event.contains(factory, name, listener):
-            event.listen(factory, name, listener)
+        if not event.contains(sessions, name, listener):
+            event.listen(sessions, name, listener)
 
 
 def _mark_written(session: Session, _flush_context: Any) -> None:
@@ -206,6 +207,14 @@ class AsyncDatabase:
         if not self._connected:
             await asyncio.to_thread(self._connect_once)
         return self
+
+    def connect_from_loop(self) -> None:
+        """:meth:`connected` for sync code that runs inside an event loop: the first
+        connection is made in a thread of its own, and waited for."""
+        if not self._connected:
+            first = threading.Thread(target=self._connect_once)
+            first.start()
+            first.join()
 
     def _connect_once(self) -> None:
         with self._first_connect:

@@ -19,7 +19,7 @@ log = logging.getLogger("flask_txn")
 transaction_committed: NamedSignal = _signals.signal("transaction-committed")
 """Sent after the outermost block's COMMIT succeeded.
 
-Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``,
+Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``, ``server``,
 ``replayed`` (True when ``@idempotent`` answered with a stored response: the
 transaction only read).
 """
@@ -28,7 +28,7 @@ transaction_rolled_back: NamedSignal = _signals.signal("transaction-rolled-back"
 """Sent after an outermost block rolled back, for any reason, and when
 uncommitted writes were discarded at app-context teardown (reason ``"teardown"``).
 
-Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``,
+Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``, ``server``,
 ``reason`` (``"error"``, ``"retry"``, ``"veto"`` or ``"teardown"``), ``error``,
 ``sqlstate``, ``exhausted``.
 """
@@ -36,21 +36,29 @@ Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``,
 transaction_retrying: NamedSignal = _signals.signal("transaction-retrying")
 """Sent after a retriable failure was rolled back, before the backoff sleep.
 
-Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``,
+Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``, ``server``,
 ``error``, ``sqlstate``, ``delay``, ``final``.
 """
 
 
 def payload(
-    *, session: Any, attempt: int, isolation: str | None, endpoint: str | None, started: float
+    *,
+    session: Any,
+    attempt: int,
+    isolation: str | None,
+    endpoint: str | None,
+    started: float,
+    server: str = "primary",
 ) -> dict[str, Any]:
-    """The keys every flask-txn signal carries; ``started`` is a ``time.perf_counter()``."""
+    """The keys every flask-txn signal carries; ``started`` is a ``time.perf_counter()``;
+    ``server`` is ``"primary"``, or the URL (password hidden) of the standby the block ran on."""
     return {
         "session": session,
         "attempt": attempt,
         "isolation": isolation,
         "endpoint": endpoint,
         "elapsed": time.perf_counter() - started,
+        "server": server,
     }
 
 

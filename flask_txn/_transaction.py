@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
-from . import _commit, _signals
+from . import _commit, _replicas, _signals
 from ._callbacks import Callback, run_callbacks
 from ._errors import AmbiguousCommitError
 from ._options import Options, apply
@@ -98,6 +98,7 @@ class Attempt:
         "retry_delay",
         "root",
         "savepoints",
+        "server",
         "session",
         "started",
         "user_session",
@@ -154,6 +155,8 @@ class Attempt:
         self.retry_delay: float | None = None
         #: the attempt answered with a stored response (``@idempotent``).
         self.replayed = False
+        #: where :meth:`begin` began it: ``"primary"``, or a standby's URL.
+        self.server = _replicas.PRIMARY
 
     @classmethod
     def on_new_async_session(
@@ -196,9 +199,13 @@ class Attempt:
         return self.user_session is not self.session
 
     def begin(self) -> None:
-        """Start the transaction with the block's options applied before any statement."""
+        """Start the transaction, on the server the block runs on (a standby for a
+        replica block), with the block's options applied before any statement."""
+        self.server = _replicas.begin(self.session, self.engine, self.options, self._start)
+
+    def _start(self, options: Options) -> None:
         self.root = self.session.begin()
-        apply(self.session, self.options)
+        apply(self.session, options)
 
     async def run_sync(self, func: Callable[..., Any], *args: Any) -> Any:
         """Async code: run one of these sync steps where the sync session may do I/O."""
@@ -217,6 +224,7 @@ class Attempt:
             ending = self._end(exc)
         finally:
             _current.reset(self._token)
+            _replicas.end(self.session)
         return self._report(ending, exc)
 
     async def __aenter__(self) -> Any:
@@ -291,7 +299,7 @@ class Attempt:
         except Exception as exc:
             return exc
         self.committing = True
-        return _commit.commit(self.session)
+        return _replicas.commit(self.session, self.engine, _commit.commit)
 
     def _rollback(self) -> None:
         """Roll back, returning the connection to the pool."""
@@ -338,10 +346,11 @@ class Attempt:
         assert policy is not None
         sqlstate = sqlstate_of(error)
         log.info(
-            "Retrying transaction: attempt %d failed with %s; waiting %.3f s.",
+            "Retrying transaction: attempt %d failed with %s%s; waiting %.3f s.",
             self.number,
             # A connection that was lost or never made has no SQLSTATE: name the error.
             f"SQLSTATE {sqlstate}" if sqlstate else type(error).__name__,
+            "" if self.server == _replicas.PRIMARY else f" on standby {self.server}",
             delay,
         )
         if _signals.transaction_retrying.receivers:
@@ -375,6 +384,7 @@ class Attempt:
             isolation=self.options.isolation,
             endpoint=request.endpoint if has_request_context() else None,
             started=self.started,
+            server=self.server,
         )
 
 

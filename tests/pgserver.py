@@ -82,19 +82,28 @@ def _private_bindir(bindir: Path, folder: Path) -> Path:
 class PostgresServer:
     """A started PostgreSQL cluster; :meth:`stop` it (``running()`` does)."""
 
-    def __init__(self, bindir: Path, folder: Path, user: pwd.struct_passwd | None) -> None:
+    def __init__(
+        self,
+        bindir: Path,
+        folder: Path,
+        user: pwd.struct_passwd | None,
+        *,
+        data: str = "data",
+        log: str = "server.log",
+    ) -> None:
         self.bindir = bindir
         self.folder = folder
         self.user = user
         self.port = free_port()
-        self.data = folder / "data"
-        self.log = folder / "server.log"
+        self.data = folder / data
+        self.log = folder / log
 
     @property
     def url(self) -> str:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
 
-    def _run(self, *args: str) -> None:
+    def run(self, *args: str) -> None:
+        """Run one of the server's binaries (``pg_ctl``, ``pg_basebackup``) as its user."""
         kwargs = {}
         if self.user is not None:
             kwargs = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
@@ -113,7 +122,7 @@ class PostgresServer:
             )
 
     def start(self) -> None:
-        self._run(
+        self.run(
             "initdb",
             "-D",
             str(self.data),
@@ -126,20 +135,22 @@ class PostgresServer:
             "--locale=C",
             "--no-sync",
         )
+        self.start_cluster()
+
+    def start_cluster(self) -> None:
+        """Start the server on the cluster in :attr:`data` (made by :meth:`start`)."""
         options = {**SETTINGS, "port": str(self.port), "unix_socket_directories": str(self.folder)}
         flags = " ".join(f"-c {key}={value}" for key, value in options.items())
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", flags, "-w", "start")
+        self.run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", flags, "-w", "start")
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            self.run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def restart(self) -> None:
         """Stop and start the same cluster on the same port (a fault for reliability tests)."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-        options = {**SETTINGS, "port": str(self.port), "unix_socket_directories": str(self.folder)}
-        flags = " ".join(f"-c {key}={value}" for key, value in options.items())
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", flags, "-w", "start")
+        self.run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self.start_cluster()
 
 
 @contextlib.contextmanager

@@ -216,6 +216,17 @@ def test_async_page_table_is_the_saved_run() -> None:
         assert line in page
 
 
+def test_scaling_page_table_is_the_saved_run() -> None:
+    """docs/scaling.md's table is the saved run of ``python -m benchmarks.replicas``."""
+    page = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
+    saved = json.loads((ROOT / "docs" / "benchmarks" / "replicas" / "results.json").read_text())
+    for variant, row in saved.items():
+        line = (
+            f"| {variant} | {row['rate']:,.0f} | {row['ratio']:.2f} | {row['standby_share']:.0%} |"
+        )
+        assert line in page
+
+
 def test_hot_lead_table_comes_from_the_saved_run() -> None:
     """docs/performance.md's scenario 3c table holds the medians of the saved run."""
     page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")

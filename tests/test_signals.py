@@ -75,8 +75,16 @@ def test_commit(app_txn: Any, events: list[Any]) -> None:
     app.test_client().post("/")
     assert sequence(events) == [("committed", 1, "-", "-", "-", "-", "SERIALIZABLE", "add")]
     payload = events[0][1]
-    assert set(payload) == {"session", "attempt", "isolation", "endpoint", "elapsed", "replayed"}
-    assert payload["replayed"] is False
+    assert set(payload) == {
+        "session",
+        "attempt",
+        "isolation",
+        "endpoint",
+        "elapsed",
+        "server",
+        "replayed",
+    }
+    assert (payload["replayed"], payload["server"]) == (False, "primary")
     assert payload["elapsed"] >= 0.0
     with app.app_context():
         assert payload["session"] is not txn.session()  # the request's, since removed

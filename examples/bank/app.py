@@ -3,7 +3,9 @@
 Run it from the repository root with ``flask --app examples/bank/app.py run`` (Flask
 finds ``create_app``) and open http://127.0.0.1:5000/. It uses a SQLite file next to
 this script unless ``DATABASE_URL`` names another database, such as
-``postgresql+psycopg2://user:password@localhost/bank``.
+``postgresql+psycopg2://user:password@localhost/bank``. ``STANDBY_DATABASE_URL``
+names a streaming standby of that PostgreSQL server: the balances (``/stats``) and
+the ledger are then read there, and each user still sees their own transfers at once.
 
 Tests and benchmarks build it with ``create_app(url, **config)``; every key of
 :data:`DEFAULTS` and every ``TXN_*`` key can be passed that way.
@@ -12,6 +14,7 @@ Tests and benchmarks build it with ``create_app(url, **config)``; every key of
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,14 @@ def create_app(database_url: str | None = None, **config: Any) -> Flask:
     default_url = f"sqlite:///{Path(__file__).with_name('bank.db')}"
     app.config.update(DEFAULTS)
     app.config["TXN_DATABASE_URI"] = database_url or os.environ.get("DATABASE_URL", default_url)
+    if os.environ.get("STANDBY_DATABASE_URL"):
+        app.config["TXN_REPLICA_URIS"] = [os.environ["STANDBY_DATABASE_URL"]]
     app.config.update(config)
+    if app.config.get("TXN_REPLICA_URIS"):
+        # Each user's reads wait for their own transfers, through the signed session cookie.
+        app.config.setdefault("TXN_REPLICA_READ_YOUR_WRITES", "session")
+        if not app.config["SECRET_KEY"]:
+            app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY") or secrets.token_hex()
     txn.init_app(app)
     with app.app_context():
         _create_tables(app)

@@ -17,6 +17,9 @@ from flask_txn import transaction_committed, transaction_retrying, transaction_r
 
 #: How many notifications the outbox keeps.
 OUTBOX_SIZE = 20
+#: The endpoints that only read (the page's balances and the ledger): counted apart,
+#: by the server they read, so that the counters show the transfers alone.
+READS = frozenset({"bank.stats", "bank.ledger"})
 
 
 class Monitor:
@@ -35,13 +38,19 @@ class Monitor:
         #: (endpoint, SQLSTATE, or the reason when there is none) -> final rollbacks
         self.rolled_back: collections.Counter[tuple[str, str]] = collections.Counter()
         self.outbox: collections.deque[str] = collections.deque(maxlen=OUTBOX_SIZE)
+        #: server ("primary", or a standby's URL) -> reads of the page and the ledger
+        self.reads: collections.Counter[str] = collections.Counter()
         transaction_committed.connect(self.on_committed, sender=app)
         transaction_retrying.connect(self.on_retrying, sender=app)
         transaction_rolled_back.connect(self.on_rolled_back, sender=app)
 
     def on_committed(
-        self, app: Flask, *, endpoint: str | None, replayed: bool, **extra: Any
+        self, app: Flask, *, endpoint: str | None, replayed: bool, server: str, **extra: Any
     ) -> None:
+        if endpoint in READS:
+            with self._lock:
+                self.reads[server] += 1
+            return
         # A replay (@idempotent answered from its table) commits, but moved no money.
         counter = self.replayed if replayed else self.committed
         with self._lock:
@@ -92,6 +101,7 @@ class Monitor:
                 "rolled_back": sum(self.rolled_back.values()),
                 "endpoints": dict(sorted(endpoints.items())),
                 "outbox": list(self.outbox),
+                "reads": dict(sorted(self.reads.items())),
             }
 
 

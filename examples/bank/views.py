@@ -148,6 +148,7 @@ def database_error(exc: DBAPIError) -> Any:
 
 
 @bp.get("/stats")
+@atomic(replica=True)  # on a standby when one is configured, once it has this user's writes
 def stats() -> Any:
     """Counters, balances and the reconciliation of every account, as JSON."""
     # MySQL's and MariaDB's SUM of integers is a DECIMAL: cast it back to a whole number.
@@ -180,6 +181,7 @@ def stats() -> Any:
 
 
 @bp.get("/transfers")
+@atomic(replica=True)
 def ledger() -> Any:
     """The latest transfers with both accounts' balances now (``?limit=``, 20 at most)."""
     limit = min(request.args.get("limit", 20, type=int), 20)
