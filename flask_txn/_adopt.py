@@ -109,6 +109,15 @@ def configure(app: Flask, engines: Mapping[str | None, Engine], given: Mapping[s
             " Flask-SQLAlchemy's engine. Remove 'TXN_DATABASE_URI' (Flask-SQLAlchemy's"
             " config is the source), or give them the same value."
         )
+    replicas = given.get("TXN_REPLICA_URIS")
+    if replicas:
+        raise ConfigError(
+            f"'TXN_REPLICA_URIS' is set ({hide_password(replicas)!r}), but FlaskTxn(db=db)"
+            " cannot run blocks on a standby: Flask-SQLAlchemy's session picks its engine"
+            " per model, so atomic(replica=True) would still read on the primary. With"
+            " 'db=', 'TXN_REPLICA_URIS' must be empty: remove it, or use FlaskTxn without"
+            " 'db=' for reads on standbys."
+        )
     for key, equivalent in _FLASK_SQLALCHEMY_EQUIVALENT.items():
         if key in given and given[key] != DEFAULTS[key]:
             raise ConfigError(

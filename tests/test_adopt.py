@@ -348,6 +348,18 @@ def test_engine_keys_are_refused_with_db(sqlite_url: str) -> None:
         FlaskTxn(app, db=db)
 
 
+def test_replicas_are_refused_with_db(sqlite_url: str) -> None:
+    """Flask-SQLAlchemy's session picks its engine per model, so replica blocks could not
+    run on a standby: TXN_REPLICA_URIS with db= is refused, the password hidden."""
+    standby = "postgresql+psycopg2://reader:secret@127.0.0.1:1/db"
+    app = _fsa_app(sqlite_url, TXN_REPLICA_URIS=[standby])
+    with pytest.raises(
+        ConfigError, match=r"'TXN_REPLICA_URIS' is set .*reader:\*\*\*@.*must be empty"
+    ) as info:
+        FlaskTxn(app, db=db)
+    assert "secret" not in str(info.value)
+
+
 def test_db_without_a_default_bind_is_refused(sqlite_url: str) -> None:
     """db= runs blocks on the default bind: an app with binds only is refused."""
     app = Flask("binds-only")

@@ -155,6 +155,12 @@ TABLE = [
         "test_adopt.py::test_engine_keys_are_refused_with_db",
     ),
     Row(
+        "db-replicas",
+        ConfigError,
+        "init_app",
+        "test_adopt.py::test_replicas_are_refused_with_db",
+    ),
+    Row(
         "db-no-default-bind",
         ConfigError,
         "init_app",
