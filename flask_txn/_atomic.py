@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from ._admission import Gate, key_of
 from ._config import RetryOn
 from ._errors import ConfigError, UsageError
 from ._options import (
@@ -66,6 +67,7 @@ class Atomic(Arguments):
         statement_timeout: float | None = None,
         lock_timeout: float | None = None,
         durable: bool = False,
+        contention_key: str | None = None,
         _extension: Any = None,
     ) -> None:
         super().__init__(
@@ -82,6 +84,7 @@ class Atomic(Arguments):
                 "statement_timeout": statement_timeout,
                 "lock_timeout": lock_timeout,
                 "durable": durable,
+                "contention_key": UNSET if contention_key is None else contention_key,
             }
         )
         self._extension = _extension
@@ -98,6 +101,7 @@ class Atomic(Arguments):
         _refuse_unsupported(func)
         if inspect.iscoroutinefunction(func):
             return self._decorate_coroutine(func)  # type: ignore[return-value]
+        key = self.contention_key or key_of(func)
 
         @functools.wraps(func)
         def atomic_call(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -111,8 +115,9 @@ class Atomic(Arguments):
             prepare(session)
             body = keep_request_body(options.policy)
             first = Attempt(session, state.engine, options, registry=state.registry)
+            gate = Gate(state, key)
             for attempt in Retrying(first, state.settings.sleep):
-                with attempt:
+                with gate.admit(attempt):
                     rewind_request_body(body)
                     attempt.begin()
                     rv = func(*args, **kwargs)
@@ -123,6 +128,8 @@ class Atomic(Arguments):
         return atomic_call
 
     def _decorate_coroutine(self, func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        key = self.contention_key or key_of(func)
+
         @functools.wraps(func)
         async def atomic_call(*args: P.args, **kwargs: P.kwargs) -> R:
             state, outer = self._open_async()
@@ -133,8 +140,9 @@ class Atomic(Arguments):
             options = self._options(state, database.sync_engine, retrying=True)
             body = keep_request_body(options.policy)
             first = Attempt.on_new_async_session(database, options)
+            gate = Gate(state, key)
             async for attempt in Retrying(first, state.settings.sleep):
-                async with attempt:
+                async with gate.admit(attempt):
                     rewind_request_body(body)
                     await attempt.run_sync(attempt.begin)
                     rv = await func(*args, **kwargs)
@@ -338,6 +346,7 @@ def atomic(
     statement_timeout: float | None = ...,
     lock_timeout: float | None = ...,
     durable: bool = ...,
+    contention_key: str | None = ...,
 ) -> Atomic: ...
 
 
@@ -351,7 +360,7 @@ def atomic(func: Callable[P, R] | None = None, /, **options: Any) -> Any:
     :param func: the function, when used as a bare ``@atomic``.
     :param options: ``isolation``, ``retries``, ``wait_initial``, ``wait_max``,
         ``deadline``, ``retry_on``, ``readonly``, ``deferrable``,
-        ``statement_timeout``, ``lock_timeout``, ``durable``.
+        ``statement_timeout``, ``lock_timeout``, ``durable``, ``contention_key``.
     """
     check_names(options)
     return decorate_or_open(Atomic(**options), func)

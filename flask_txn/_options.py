@@ -25,13 +25,15 @@ from ._config import (
 )
 from ._engine import SQLITE_BEGIN
 from ._errors import ConfigError, NestingError, UsageError
+from ._limiter import check_key
 from ._session import JOINED
 from ._timeouts import check_seconds, milliseconds
 
 #: ``atomic()``'s default for an argument not given: the app's config decides.
 UNSET: Any = object()
-#: Arguments that, given, override a ``TXN_*`` key.
+#: Arguments recorded as given: all but ``contention_key`` override a ``TXN_*`` key.
 OVERRIDES = (
+    "contention_key",
     "isolation",
     "retries",
     "wait_initial",
@@ -42,7 +44,9 @@ OVERRIDES = (
     "deferrable",
 )
 #: Arguments that shape the retry loop: only an outermost decorated function has one.
-RETRY_ARGUMENTS = frozenset({"retries", "wait_initial", "wait_max", "deadline", "retry_on"})
+RETRY_ARGUMENTS = frozenset(
+    {"retries", "wait_initial", "wait_max", "deadline", "retry_on", "contention_key"}
+)
 _POSTGRESQL_ONLY = ("readonly", "deferrable", "statement_timeout", "lock_timeout")
 
 
@@ -53,6 +57,7 @@ class Arguments:
     """
 
     __slots__ = (
+        "contention_key",
         "deadline",
         "deferrable",
         "durable",
@@ -85,6 +90,7 @@ class Arguments:
         self.readonly: bool = unless_unset(check_flag, "readonly", False)
         self.deferrable: bool = unless_unset(check_flag, "deferrable", False)
         self.durable: bool = check_flag("durable", given["durable"])
+        self.contention_key: str | None = unless_unset(check_key, "contention_key")
         self.statement_timeout = _positive_or_none("statement_timeout", given["statement_timeout"])
         self.lock_timeout = _positive_or_none("lock_timeout", given["lock_timeout"])
         if self.deferrable and not self.readonly:
