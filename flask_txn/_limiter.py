@@ -32,7 +32,7 @@ from ._errors import ConfigError
 #: A conflict multiplies the limit by this.
 DECREASE = 0.5
 #: A commit adds this divided by the limit: one more slot per ``limit / INCREASE`` commits.
-INCREASE = 0.2
+INCREASE = 0.1
 
 #: How an attempt ended, as far as its limit is concerned.
 Outcome = Literal["commit", "conflict", "other"]
@@ -113,10 +113,7 @@ class Waiter:
     async def wait_async(self, timeout: float) -> None:
         """Async: wait, without blocking the loop, until woken or ``timeout`` seconds passed."""
         assert self._future is not None
-        try:
-            await asyncio.wait_for(asyncio.shield(self._future), timeout)
-        except TimeoutError:
-            pass
+        await asyncio.wait([self._future], timeout=timeout)  # never cancels the future
 
 
 def _resolve(future: asyncio.Future[None] | None) -> None:
