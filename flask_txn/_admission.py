@@ -141,11 +141,7 @@ class Admitted:
                 self._settle(waiter, began, exc)
                 raise
             self._settle(waiter, began, None)
-        try:
-            return self.attempt.__enter__()
-        except BaseException:
-            self._release("other")
-            raise
+        return self.attempt.__enter__()  # sets a context variable: it cannot fail
 
     def __exit__(self, *exc_info: Any) -> bool:
         try:
@@ -165,11 +161,7 @@ class Admitted:
                 self._settle(waiter, began, exc)
                 raise
             self._settle(waiter, began, None)
-        try:
-            return await self.attempt.__aenter__()
-        except BaseException:
-            self._release("other")
-            raise
+        return await self.attempt.__aenter__()
 
     async def __aexit__(self, *exc_info: Any) -> bool:
         try:

@@ -239,7 +239,8 @@ class Atomic(Arguments):
         return options
 
     def _refuse_retry_options(self) -> None:
-        for name in sorted(self.explicit & RETRY_ARGUMENTS):
+        # contention_key too: a block nested in another is admitted with it, a with block never.
+        for name in sorted(self.explicit & (RETRY_ARGUMENTS | {"contention_key"})):
             raise ConfigError(
                 f"{name!r} cannot be used with a 'with atomic(...)' block (got"
                 f" {name}={getattr(self, name)!r}): a block cannot be re-run. Decorate a"

@@ -44,9 +44,7 @@ OVERRIDES = (
     "deferrable",
 )
 #: Arguments that shape the retry loop: only an outermost decorated function has one.
-RETRY_ARGUMENTS = frozenset(
-    {"retries", "wait_initial", "wait_max", "deadline", "retry_on", "contention_key"}
-)
+RETRY_ARGUMENTS = frozenset({"retries", "wait_initial", "wait_max", "deadline", "retry_on"})
 _POSTGRESQL_ONLY = ("readonly", "deferrable", "statement_timeout", "lock_timeout")
 
 
