@@ -43,7 +43,7 @@ from flask import Flask, request
 from flask_txn import FlaskTxn, atomic, transaction_retrying
 from tests import pgserver
 
-from . import machine, pgbench, workload
+from . import machine, pgbench, processes, webapp, workload
 from .loadgen import pick
 from .report import FRONT_MATTER
 from .results import Run, percentile, shuffled
@@ -155,16 +155,21 @@ class Row:
         return statistics.median(values) if values else math.nan
 
 
-def measure(
+#: One timed run of a variant, given the clients, the accounts and the round (the seed).
+RunOnce = Callable[[int, int, int], Run]
+#: Rows to measure: (accounts, clients, the variants by name).
+Plan = list[tuple[int, int, dict[str, RunOnce]]]
+
+
+def in_process(
     server: pgserver.PostgresServer,
-    engine: sa.Engine,
     *,
     clients: Sequence[int],
     seconds: int,
-    rounds: int,
-    progress: Callable[[str], None],
-) -> list[Row]:
-    """Every row, each variant's runs interleaved round by round on a fresh table."""
+    waits: Sequence[float] = (),
+) -> Plan:
+    """The rows of the in-process scenario, and the issue's case last; ``waits``
+    adds a variant of the default settings per ``TXN_RETRY_WAIT_INITIAL``."""
     cores = os.cpu_count() or 2
     apps = {
         DEFAULTS: App(DEFAULTS, server.url, {}),
@@ -179,31 +184,70 @@ def measure(
             retries=9,
         ),
     }
+    for wait in waits:
+        name = f"{DEFAULTS}, `TXN_RETRY_WAIT_INITIAL={wait:g}`"
+        apps[name] = App(name, server.url, {"TXN_RETRY_WAIT_INITIAL": wait})
     few = {
         f"{DEFAULTS}, `retries={FEW_RETRIES}`": App("few", server.url, {}, retries=FEW_RETRIES),
         f"{ADMISSION_OFF}, `retries={FEW_RETRIES}`": App(
             "few-off", server.url, {"TXN_ADMISSION": False}, retries=FEW_RETRIES
         ),
     }
-    plan = [(naccts, n, apps, True) for naccts in ACCOUNTS for n in clients]
-    plan.append((HOT_SPOT, FEW_RETRIES_CLIENTS, few, False))
+
+    def driven(app: App) -> RunOnce:
+        return lambda n, naccts, seed: drive(
+            app, clients=n, seconds=seconds, naccts=naccts, seed=seed
+        )
+
+    variants = {name: driven(app) for name, app in apps.items()}
+    variants[PGBENCH] = _pgbench(server, seconds)
+    plan: Plan = [(naccts, n, variants) for naccts in ACCOUNTS for n in clients]
+    plan.append((HOT_SPOT, FEW_RETRIES_CLIENTS, {name: driven(app) for name, app in few.items()}))
+    return plan
+
+
+def _pgbench(server: pgserver.PostgresServer, seconds: int) -> RunOnce:
+    return lambda n, naccts, seed: pgbench.run(
+        server, workload.SERIALIZABLE, clients=n, seconds=seconds, naccts=naccts
+    )
+
+
+HTTP_THREADS = 16
+HTTP_HAND_TUNED = f"{HAND_TUNED} (1 per worker)"
+
+
+def over_http(
+    server: pgserver.PostgresServer, port: int, *, clients: Sequence[int], seconds: int
+) -> Plan:
+    """The rows over HTTP, against gunicorn with 2 workers of ``HTTP_THREADS`` threads."""
+    path = f"/transfer/{workload.SERIALIZABLE}"
+
+    def served(prefix: str) -> RunOnce:
+        return lambda n, naccts, seed: processes.load(
+            port, prefix + path, clients=n, seconds=seconds, naccts=naccts, seed=seed
+        )
+
+    variants = {
+        DEFAULTS: served(webapp.DEFAULTS),
+        ADMISSION_OFF: served(webapp.DEFAULTS_OFF),
+        HTTP_HAND_TUNED: served(webapp.BOUNDED_POOL_OFF),
+        PGBENCH: _pgbench(server, seconds),
+    }
+    return [(naccts, n, variants) for naccts in ACCOUNTS for n in clients]
+
+
+def measure(
+    engine: sa.Engine, plan: Plan, *, rounds: int, progress: Callable[[str], None]
+) -> list[Row]:
+    """Every row, each variant's runs interleaved round by round on a fresh table."""
     rows: list[Row] = []
-    for naccts, n, variants, with_pgbench in plan:
+    for naccts, n, variants in plan:
         progress(f"{naccts} accounts, {n} clients")
-        names = [*variants, *([PGBENCH] if with_pgbench else [])]
-        row = Row(naccts, n, {name: [] for name in names})
+        row = Row(naccts, n, {name: [] for name in variants})
         for round_ in range(1, rounds + 1):
-            for name in shuffled(names, round_):
+            for name in shuffled(variants, round_):
                 workload.reset_accounts(engine, naccts)
-                if name == PGBENCH:
-                    run = pgbench.run(
-                        server, workload.SERIALIZABLE, clients=n, seconds=seconds, naccts=naccts
-                    )
-                else:
-                    run = drive(
-                        variants[name], clients=n, seconds=seconds, naccts=naccts, seed=round_
-                    )
-                row.runs[name].append(run)
+                row.runs[name].append(variants[name](n, naccts, round_))
         rows.append(row)
     return rows
 
@@ -250,8 +294,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, default=3, help="seconds per run (3)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (1)")
     parser.add_argument("--out", type=Path, help="folder for results.md and results.json")
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help=f"over HTTP: gunicorn, 2 workers x {HTTP_THREADS} threads, instead of in-process",
+    )
+    parser.add_argument(
+        "--wait-initial", default="", help="in-process: default settings with these first waits"
+    )
     args = parser.parse_args(argv)
     clients = [int(part) for part in args.clients.split(",")]
+    waits = [float(part) for part in args.wait_initial.split(",") if part]
     started = time.monotonic()
 
     def progress(message: str) -> None:
@@ -261,20 +314,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         engine = sa.create_engine(server.url)
         try:
             facts = machine.facts(server, engine, "crowd")
-            rows = measure(
-                server,
-                engine,
-                clients=clients,
-                seconds=args.seconds,
-                rounds=args.rounds,
-                progress=progress,
-            )
+            if args.http:
+                with processes.gunicorn(server.url, clients=HTTP_THREADS) as port:
+                    plan = over_http(server, port, clients=clients, seconds=args.seconds)
+                    rows = measure(engine, plan, rounds=args.rounds, progress=progress)
+            else:
+                plan = in_process(server, clients=clients, seconds=args.seconds, waits=waits)
+                rows = measure(engine, plan, rounds=args.rounds, progress=progress)
         finally:
             engine.dispose()
     facts["duration_s"] = round(time.monotonic() - started, 1)
+    command = " ".join(argv if argv is not None else sys.argv[1:])
     text = (
-        f"`python -m benchmarks.crowd --clients {args.clients} --seconds {args.seconds}"
-        f" --rounds {args.rounds}`: {args.rounds} round(s) of {args.seconds} s per variant"
+        f"`python -m benchmarks.crowd {command}`: {args.rounds} round(s) of {args.seconds} s"
+        " per variant"
         f" and row, medians; failed = transfers that gave up, over all rounds\n\n"
         f"{machine.markdown(facts)}- whole run: {facts['duration_s']} s\n\n{markdown(rows)}"
     )
