@@ -37,13 +37,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import sqlalchemy as sa
 from flask import Flask, request
 
 from flask_txn import FlaskTxn, atomic, transaction_retrying
 from tests import pgserver
 
-from . import machine, pgbench, processes, webapp, workload
+from . import machine, pgbench, plots, processes, webapp, workload
 from .loadgen import pick
 from .report import FRONT_MATTER
 from .results import Run, percentile, shuffled
@@ -288,6 +289,53 @@ def _line(name: str, row: Row) -> str:
     )
 
 
+def plot(rows: Sequence[Row], path: Path) -> None:
+    """Goodput and p99 against clients, per variant, on 10 accounts and on the hot spot."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for column, naccts in enumerate(ACCOUNTS):
+        chosen = [row for row in rows if row.naccts == naccts and PGBENCH in row.runs]
+        if not chosen:
+            continue
+        clients = [row.clients for row in chosen]
+        for name in chosen[0].runs:
+            style = "--" if "TXN_ADMISSION=False" in name and "pool of" not in name else "-"
+            for ax, attribute in zip(axes[:, column], ("goodput", "p99_ms"), strict=True):
+                ax.plot(
+                    clients,
+                    [row.median(name, attribute) for row in chosen],
+                    style,
+                    marker="o",
+                    label=plots.plain(name),
+                    color=plots.colour(name),
+                )
+        hot = " (one hot spot)" if naccts == HOT_SPOT else ""
+        for ax, label in zip(axes[:, column], ("committed/s", "p99 ms"), strict=True):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(clients)
+            ax.set_xticklabels([str(n) for n in clients])
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel(label)
+            ax.set_title(f"Hot SERIALIZABLE transfers, {naccts} accounts{hot}", fontsize=9)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load(folder: Path) -> list[Row]:
+    """The rows a run saved in ``folder/results.json``."""
+    data = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    return [
+        Row(
+            item["naccts"],
+            item["clients"],
+            {name: [Run(**run) for run in runs] for name, runs in item["runs"].items()},
+        )
+        for item in data["rows"]
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--clients", default="8,32,64,128", help="client counts (8,32,64,128)")
@@ -299,12 +347,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help=f"over HTTP: gunicorn, 2 workers x {HTTP_THREADS} threads, instead of in-process",
     )
+    parser.add_argument("--replot", type=Path, help="only draw crowd.png again from FOLDER")
     parser.add_argument(
         "--wait-initial", default="", help="in-process: default settings with these first waits"
     )
     args = parser.parse_args(argv)
     clients = [int(part) for part in args.clients.split(",")]
     waits = [float(part) for part in args.wait_initial.split(",") if part]
+    if args.replot:
+        plot(load(args.replot), args.replot / "crowd.png")
+        return
     started = time.monotonic()
 
     def progress(message: str) -> None:
@@ -350,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ],
         }
         (args.out / "results.json").write_text(json.dumps(data, indent=1) + "\n", "utf-8")
+        plot(rows, args.out / "crowd.png")
 
 
 if __name__ == "__main__":
