@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import loadgen, results, workload
+from benchmarks import crowd, loadgen, results, workload
 from benchmarks import runs as saved_runs
 from benchmarks.results import Comparison, Run
 
@@ -512,3 +512,31 @@ def test_cold_paired_shares_come_from_the_three_saved_paired_runs() -> None:
         f"cold transfers of flask-txn keep {min(ours):.2f} to {max(ours):.2f}"
         f" (pgbench's {min(theirs):.2f} to {max(theirs):.2f})" in page
     )
+
+
+def test_crowd_tables_come_from_the_saved_run() -> None:
+    """docs/performance.md's scenario 6 tables hold the medians of the saved run
+    (committed/s; failed over all rounds; p99), and its plot is drawn from it."""
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    rows = crowd.load(ROOT / "docs" / "benchmarks" / "crowd")
+    labels = {
+        crowd.DEFAULTS: "**flask-txn, default settings**",
+        crowd.ADMISSION_OFF: "the same, `TXN_ADMISSION=False`",
+        crowd.HAND_TUNED: "hand-tuned: pool of 1 x cores, `retries=9`, admission off",
+        crowd.PGBENCH: "pgbench `--max-tries=10`",
+    }
+    for naccts, title in ((10, "10 accounts"), (2, "2 accounts (one hot spot)")):
+        chosen = [row for row in rows if row.naccts == naccts and crowd.PGBENCH in row.runs]
+        assert [row.clients for row in chosen] == [8, 32, 64, 128]
+        assert f"| {title} | 8 clients | 32 clients | 64 clients | 128 clients |" in page
+        for variant, label in labels.items():
+            cells = []
+            for row in chosen:
+                failed = sum(run.failed for run in row.runs[variant])
+                share = failed / (failed + sum(run.committed for run in row.runs[variant]))
+                cells.append(
+                    f"{row.median(variant, 'goodput'):,.0f}; {f'{share:.1%}' if failed else '0%'};"
+                    f" {row.median(variant, 'p99_ms'):,.0f} ms"
+                )
+            line = f"| {label} | {' | '.join(cells)} |"
+            assert line in page, line
