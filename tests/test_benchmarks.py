@@ -514,21 +514,30 @@ def test_cold_paired_shares_come_from_the_three_saved_paired_runs() -> None:
     )
 
 
-def test_crowd_tables_come_from_the_saved_run() -> None:
-    """docs/performance.md's scenario 6 tables hold the medians of the saved run
-    (committed/s; failed over all rounds; p99), and its plot is drawn from it."""
+@pytest.mark.parametrize(
+    ("folder", "prefix", "hand_tuned", "hand_label"),
+    [
+        ("crowd", "", crowd.HAND_TUNED, "pool of 1 x cores"),
+        ("crowd-http", "over HTTP, ", crowd.HTTP_HAND_TUNED, "pool of 1 per worker"),
+    ],
+)
+def test_crowd_tables_come_from_the_saved_runs(
+    folder: str, prefix: str, hand_tuned: str, hand_label: str
+) -> None:
+    """docs/performance.md's scenario 6 tables hold the medians of the saved runs
+    (committed/s; failed over all rounds; p99)."""
     page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
-    rows = crowd.load(ROOT / "docs" / "benchmarks" / "crowd")
+    rows = crowd.load(ROOT / "docs" / "benchmarks" / folder)
     labels = {
         crowd.DEFAULTS: "**flask-txn, default settings**",
         crowd.ADMISSION_OFF: "the same, `TXN_ADMISSION=False`",
-        crowd.HAND_TUNED: "hand-tuned: pool of 1 x cores, `retries=9`, admission off",
+        hand_tuned: f"hand-tuned: {hand_label}, `retries=9`, admission off",
         crowd.PGBENCH: "pgbench `--max-tries=10`",
     }
     for naccts, title in ((10, "10 accounts"), (2, "2 accounts (one hot spot)")):
         chosen = [row for row in rows if row.naccts == naccts and crowd.PGBENCH in row.runs]
         assert [row.clients for row in chosen] == [8, 32, 64, 128]
-        assert f"| {title} | 8 clients | 32 clients | 64 clients | 128 clients |" in page
+        assert f"| {prefix}{title} | 8 clients | 32 clients | 64 clients | 128 clients |" in page
         for variant, label in labels.items():
             cells = []
             for row in chosen:
