@@ -57,6 +57,7 @@ PGBENCH = "pgbench `--max-tries=10`"
 FEW_RETRIES = 3
 FEW_RETRIES_CLIENTS = 16
 HOT_SPOT = 2
+TITLE = "# Scenario 6: a crowd on a hot spot with default settings\n\n"
 #: Accounts: 10 (scenario 3's hot rows) and one hot spot.
 ACCOUNTS = (workload.HOT, HOT_SPOT)
 
@@ -258,7 +259,7 @@ def markdown(rows: Sequence[Row]) -> str:
     out: list[str] = []
     for naccts in ACCOUNTS:
         out += [
-            f"### {naccts} accounts{' (one hot spot)' if naccts == HOT_SPOT else ''}\n",
+            f"## {naccts} accounts{' (one hot spot)' if naccts == HOT_SPOT else ''}\n",
             "| variant | clients | committed/s | failed | retries/commit | p50 ms | p99 ms |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
@@ -269,7 +270,7 @@ def markdown(rows: Sequence[Row]) -> str:
     for row in rows:
         if PGBENCH not in row.runs:
             out += [
-                f"### {row.clients} clients, {row.naccts} accounts, `retries={FEW_RETRIES}`\n",
+                f"## {row.clients} clients, {row.naccts} accounts, `retries={FEW_RETRIES}`\n",
                 "| variant | clients | committed/s | failed | retries/commit | p50 ms | p99 ms |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
                 *(_line(name, row) for name in row.runs),
@@ -386,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.md").write_text(FRONT_MATTER + text, encoding="utf-8")
+        (args.out / "results.md").write_text(f"{FRONT_MATTER}{TITLE}{text}", encoding="utf-8")
         data = {
             "facts": facts,
             "rows": [
