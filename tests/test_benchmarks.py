@@ -549,3 +549,25 @@ def test_crowd_tables_come_from_the_saved_runs(
                 )
             line = f"| {label} | {' | '.join(cells)} |"
             assert line in page, line
+
+
+def test_crowd_target_figures_come_from_the_saved_run() -> None:
+    """The 64-client target in docs/performance.md: the default settings at 64 clients
+    against the hand-tuned pool at 8, on 10 accounts, from docs/benchmarks/crowd-target."""
+    page = " ".join((ROOT / "docs" / "performance.md").read_text(encoding="utf-8").split())
+    rows = crowd.load(ROOT / "docs" / "benchmarks" / "crowd-target")
+    (at_8,) = [row for row in rows if (row.naccts, row.clients) == (10, 8)]
+    (at_64,) = [row for row in rows if (row.naccts, row.clients) == (10, 64)]
+    ours = [run.goodput for run in at_64.runs[crowd.DEFAULTS]]
+    theirs = [run.goodput for run in at_8.runs[crowd.HAND_TUNED]]
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+    figures = (
+        f"committed {at_64.median(crowd.DEFAULTS, 'goodput'):,.0f}/s at 64 clients with none"
+        f" failed and a p99 of {at_64.median(crowd.DEFAULTS, 'p99_ms'):,.0f} ms, against"
+        f" {at_8.median(crowd.HAND_TUNED, 'goodput'):,.0f}/s for the hand-tuned pool at 8"
+        f" clients: {statistics.median(ours) / statistics.median(theirs):.2f} of it (the median"
+        f" of the per-round ratios {statistics.median(ratios):.2f}, from {min(ratios):.2f} to"
+        f" {max(ratios):.2f})"
+    )
+    assert figures in page, figures
+    assert sum(run.failed for run in at_64.runs[crowd.DEFAULTS]) == 0
