@@ -37,6 +37,8 @@ CONTROL = "hand-written again (the noise floor)"
 
 #: Flask-SQLAlchemy adopted by flask-txn: compared with the row above it (issue 16).
 FSA_ATOMIC = "Flask-SQLAlchemy `db.session` + flask-txn `@atomic` (`db=db`)"
+#: The view without admission control: what it costs a block that never conflicts.
+ADMISSION_OFF = "flask-txn `@atomic`, `TXN_ADMISSION=False`"
 
 #: Independently built copies of each app in the view comparison. Two copies of
 #: the same code came out up to 3% apart here (the noise-floor row of the ten saved runs
@@ -224,13 +226,14 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
             "fsa_txn": lambda: _flask_sqlalchemy(url, stack, adopted=True),
             "lean": lambda: _flask_txn(url, stack, TXN_ENGINE_OPTIONS={"pool_pre_ping": False}),
             "guarded": lambda: _flask_txn(url, stack, TXN_NPLUSONE="warn"),
+            "unadmitted": lambda: _flask_txn(url, stack, TXN_ADMISSION=False),
         }
         apps: dict[str, list[Flask]] = {name: [] for name in builders}
         for copy in range(COPIES):
             # Each copy in a new order, so that no variant is always built first.
             for name in shuffled(builders, -1 - copy):
                 apps[name].append(builders[name]())
-        hand, control, txn_apps, fsa, fsa_txn, lean, guarded = apps.values()
+        hand, control, txn_apps, fsa, fsa_txn, lean, guarded, unadmitted = apps.values()
 
         def get(apps: list[Flask]) -> list[Callable[[], object]]:
             return [_requests(app) for app in apps]
@@ -249,6 +252,7 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
                     get(guarded),
                     False,
                 ),
+                ADMISSION_OFF: (get(unadmitted), False),
             },
             rounds,
             seconds,
@@ -288,7 +292,8 @@ def scenario(url: str, *, rounds: int, seconds: float) -> list[Comparison]:
             notes="The hand-written code and Flask-SQLAlchemy use flask-txn's engine option"
             " `pool_pre_ping=True`; the row without it shows what it costs, and the last row"
             " what the N+1 guard costs when it listens (its default outside debug and"
-            " testing mode is off). Each variant is built"
+            " testing mode is off), and the row with `TXN_ADMISSION=False` what admission"
+            " control costs a block that never conflicts. Each variant is built"
             f" {COPIES} times and the rounds take the copies in turn. The second row is the"
             " anchor built again: its distance from 1 is the noise of this machine.",
         ),

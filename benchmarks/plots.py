@@ -23,7 +23,7 @@ _OTHER = "#8c8c8c"
 _BOUNDED = "#55a868"
 
 
-def _colour(variant: str) -> str:
+def colour(variant: str) -> str:
     if variant.startswith("pgbench"):
         return _PGBENCH
     if "pool of" in variant:
@@ -31,7 +31,7 @@ def _colour(variant: str) -> str:
     return _FLASK_TXN if variant.startswith("flask-txn") else _OTHER
 
 
-def _plain(label: str) -> str:
+def plain(label: str) -> str:
     return label.replace("`", "")
 
 
@@ -51,7 +51,7 @@ def goodput_bars(comparisons: Sequence[Comparison], path: Path) -> None:
             [high - m for m, (_, high) in zip(medians, spreads, strict=True)],
         ]
         positions = list(range(len(names)))
-        ax.bar(positions, medians, yerr=errors, capsize=4, color=[_colour(n) for n in names])
+        ax.bar(positions, medians, yerr=errors, capsize=4, color=[colour(n) for n in names])
         top = max(high for _, high in spreads)
         for x, name, (_, high) in zip(positions, names, spreads, strict=True):
             label = f"x{comparison.ratio(name):.2f}"
@@ -62,7 +62,7 @@ def goodput_bars(comparisons: Sequence[Comparison], path: Path) -> None:
         ax.set_ylim(0, top * 1.25)
         ax.set_xticks(positions)
         width = 22 if len(names) < 5 else 16
-        ax.set_xticklabels([_wrap(_plain(n), width) for n in names], fontsize=7)
+        ax.set_xticklabels([_wrap(plain(n), width) for n in names], fontsize=7)
         ax.set_title(
             f"{comparison.title.split(':')[0]} ({comparison.clients} client(s))", fontsize=9
         )
@@ -98,8 +98,8 @@ def scaling(comparisons: Sequence[Comparison], path: Path) -> None:
                 yerr=[lows, highs],
                 marker="o",
                 capsize=3,
-                label=_plain(name),
-                color=_colour(name),
+                label=plain(name),
+                color=colour(name),
             )
         ax.set_xscale("log", base=2)
         ax.set_xticks(clients)
@@ -151,7 +151,7 @@ def backoff(comparisons: Sequence[Comparison], path: Path) -> None:
 def _backoff_label(variant: str) -> str:
     if variant.startswith("pgbench"):
         return "pgbench\n(at once)"
-    return _plain(variant).replace("flask-txn wait_initial=", "").replace(" wait_max=", "\n")
+    return plain(variant).replace("flask-txn wait_initial=", "").replace(" wait_max=", "\n")
 
 
 def draw(comparisons: Sequence[Comparison], folder: Path) -> list[Path]:

@@ -14,7 +14,11 @@ has ``pool_pre_ping=False``, to show what flask-txn's default costs, and under
 ``/bounded-pool/`` from a third whose pool is sized for the database rather
 than for the clients (``BENCH_BOUNDED_POOL_SIZE`` per worker), so that
 requests beyond it queue for a connection instead of running a transaction
-that conflicts. Configured by the environment (gunicorn calls ``create_app()``).
+that conflicts. Scenario 6 (``benchmarks.crowd --http``) adds ``/defaults/``,
+an app with flask-txn's default settings (engine options, retries, admission
+control), ``/defaults-off/``, the same with ``TXN_ADMISSION = False``, and
+``/bounded-pool-off/``, the bounded pool with ``TXN_ADMISSION = False``.
+Configured by the environment (gunicorn calls ``create_app()``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ from . import workload
 RETRIES = 9
 NO_PRE_PING = "/no-pre-ping"
 BOUNDED_POOL = "/bounded-pool"
+DEFAULTS = "/defaults"
+DEFAULTS_OFF = "/defaults-off"
+BOUNDED_POOL_OFF = "/bounded-pool-off"
 
 
 def create_app() -> Flask:
@@ -56,18 +63,32 @@ def create_app() -> Flask:
     lean = _build("webapp_no_pre_ping", {"pool_size": pool_size, "pool_pre_ping": False})
     bounded_size = int(os.environ.get("BENCH_BOUNDED_POOL_SIZE", "2"))
     bounded = _build("webapp_bounded_pool", {"pool_size": bounded_size})
-    app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
-        app.wsgi_app, {NO_PRE_PING: lean, BOUNDED_POOL: bounded}
-    )
+    mounts = {
+        NO_PRE_PING: lean,
+        BOUNDED_POOL: bounded,
+        DEFAULTS: _build("webapp_defaults", None, retries=None),
+        DEFAULTS_OFF: _build("webapp_defaults_off", None, retries=None, TXN_ADMISSION=False),
+        BOUNDED_POOL_OFF: _build(
+            "webapp_bounded_pool_off", {"pool_size": bounded_size}, TXN_ADMISSION=False
+        ),
+    }
+    app.wsgi_app = DispatcherMiddleware(app.wsgi_app, mounts)  # type: ignore[method-assign]
     return app
 
 
-def _build(name: str, engine_options: dict[str, Any]) -> Flask:
+def _build(
+    name: str,
+    engine_options: dict[str, Any] | None,
+    *,
+    retries: int | None = RETRIES,
+    **config: Any,
+) -> Flask:
+    """An app serving the views; ``None`` for flask-txn's own engine options or retries."""
     app = Flask(name)
-    app.config.update(
-        TXN_DATABASE_URI=os.environ["BENCH_DATABASE_URL"],
-        TXN_ENGINE_OPTIONS={"max_overflow": 0, **engine_options},
-    )
+    app.config.update(TXN_DATABASE_URI=os.environ["BENCH_DATABASE_URL"], **config)
+    if engine_options is not None:
+        app.config["TXN_ENGINE_OPTIONS"] = {"max_overflow": 0, **engine_options}
+    budget = {} if retries is None else {"retries": retries}
     txn = FlaskTxn(app)
     statements = {
         name: [sa.text(sql) for sql in workload.script(name).statements]
@@ -77,7 +98,7 @@ def _build(name: str, engine_options: dict[str, Any]) -> Flask:
     def transfer(name: str, **options: Any) -> Callable[[], str]:
         script = workload.script(name)
 
-        @atomic(isolation=script.isolation, retries=RETRIES, **options)
+        @atomic(isolation=script.isolation, **budget, **options)
         def view() -> str:
             params = _params()
             for statement in statements[name]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from ._admission import Gate, key_of
 from ._config import RetryOn
 from ._errors import ConfigError, UsageError
 from ._options import (
@@ -68,6 +69,7 @@ class Atomic(Arguments):
         statement_timeout: float | None = None,
         lock_timeout: float | None = None,
         durable: bool = False,
+        contention_key: str | None = None,
         _extension: Any = None,
     ) -> None:
         super().__init__(
@@ -86,6 +88,7 @@ class Atomic(Arguments):
                 "statement_timeout": statement_timeout,
                 "lock_timeout": lock_timeout,
                 "durable": durable,
+                "contention_key": UNSET if contention_key is None else contention_key,
             }
         )
         self._extension = _extension
@@ -102,6 +105,7 @@ class Atomic(Arguments):
         _refuse_unsupported(func)
         if inspect.iscoroutinefunction(func):
             return self._decorate_coroutine(func)  # type: ignore[return-value]
+        key = self.contention_key or key_of(func)
 
         @functools.wraps(func)
         def atomic_call(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -115,8 +119,9 @@ class Atomic(Arguments):
             prepare(session)
             body = keep_request_body(options.policy)
             first = Attempt(session, state.engine, options, registry=state.registry)
+            gate = Gate(state, key)
             for attempt in Retrying(first, state.settings.sleep):
-                with attempt:
+                with gate.admit(attempt):
                     rewind_request_body(body)
                     attempt.begin()
                     rv = func(*args, **kwargs)
@@ -127,6 +132,8 @@ class Atomic(Arguments):
         return atomic_call
 
     def _decorate_coroutine(self, func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        key = self.contention_key or key_of(func)
+
         @functools.wraps(func)
         async def atomic_call(*args: P.args, **kwargs: P.kwargs) -> R:
             state, outer = self._open_async()
@@ -137,8 +144,9 @@ class Atomic(Arguments):
             options = self._options(state, database.sync_engine, retrying=True)
             body = keep_request_body(options.policy)
             first = Attempt.on_new_async_session(database, options)
+            gate = Gate(state, key)
             async for attempt in Retrying(first, state.settings.sleep):
-                async with attempt:
+                async with gate.admit(attempt):
                     rewind_request_body(body)
                     await attempt.run_sync(attempt.begin)
                     rv = await func(*args, **kwargs)
@@ -235,7 +243,8 @@ class Atomic(Arguments):
         return options
 
     def _refuse_retry_options(self) -> None:
-        for name in sorted(self.explicit & RETRY_ARGUMENTS):
+        # contention_key too: a block nested in another is admitted with it, a with block never.
+        for name in sorted(self.explicit & (RETRY_ARGUMENTS | {"contention_key"})):
             raise ConfigError(
                 f"{name!r} cannot be used with a 'with atomic(...)' block (got"
                 f" {name}={getattr(self, name)!r}): a block cannot be re-run. Decorate a"
@@ -344,6 +353,7 @@ def atomic(
     statement_timeout: float | None = ...,
     lock_timeout: float | None = ...,
     durable: bool = ...,
+    contention_key: str | None = ...,
 ) -> Atomic: ...
 
 
@@ -357,7 +367,8 @@ def atomic(func: Callable[P, R] | None = None, /, **options: Any) -> Any:
     :param func: the function, when used as a bare ``@atomic``.
     :param options: ``isolation``, ``retries``, ``wait_initial``, ``wait_max``,
         ``deadline``, ``retry_on``, ``readonly``, ``deferrable``, ``replica``,
-        ``max_lag``, ``statement_timeout``, ``lock_timeout``, ``durable``.
+        ``max_lag``, ``statement_timeout``, ``lock_timeout``, ``durable``,
+        ``contention_key``.
     """
     check_names(options)
     return decorate_or_open(Atomic(**options), func)

@@ -251,16 +251,19 @@ def _warnings(
             )
         )
     crowded = cores is not None and (limit is None or limit > CONNECTIONS_PER_CORE * cores)
-    if not sqlite and crowded and isolation == "SERIALIZABLE":
+    # Admission control bounds the attempts of contended blocks whatever the pool's size.
+    unadmitted = settings.admission is None
+    if not sqlite and crowded and unadmitted and isolation == "SERIALIZABLE":
         found.append(
             Finding(
                 "pool-above-cores",
                 f"The pool opens {'any number of' if limit is None else limit} connections"
-                f" per process, against {cores} database cores, under SERIALIZABLE: the"
-                " more transactions run at once, the more conflict and are retried. Size"
-                " the pool for the database, e.g. 'TXN_ENGINE_OPTIONS' = {'pool_size':"
+                f" per process, against {cores} database cores, under SERIALIZABLE, with"
+                " 'TXN_ADMISSION' False: the more transactions run at once, the more"
+                " conflict and are retried. Set 'TXN_ADMISSION' to True, or size the pool"
+                " for the database, e.g. 'TXN_ENGINE_OPTIONS' = {'pool_size':"
                 f" {cores}, 'max_overflow': 0}} for one process.",
-                "docs/retries.md, 'Hot spots: fewer transactions at once'",
+                "docs/retries.md, 'Hot spots: admission control'",
             )
         )
     if not sqlite and settings.retry.deadline is None and settings.timeouts.statement is None:

@@ -18,6 +18,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from ._errors import ConfigError
+from ._limiter import Bounds, read_bounds
 from ._timeouts import Timeouts, check_seconds, read_timeouts
 
 ISOLATION_LEVELS = ("READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
@@ -69,6 +70,9 @@ DEFAULTS: dict[str, Any] = {
     "TXN_REPLICA_MAX_LAG": 5.0,
     "TXN_REPLICA_CHECK_INTERVAL": 1.0,
     "TXN_REPLICA_READ_YOUR_WRITES": "request",
+    # Admission control of contended blocks (flask_txn._admission).
+    "TXN_ADMISSION": True,
+    "TXN_ADMISSION_LIMITS": (1, 32),
     "TXN_ASYNC_DATABASE_URI": None,
     "TXN_ASYNC_ENGINE_OPTIONS": {},
 }
@@ -126,6 +130,8 @@ class Settings:
     idempotency_header: str
     idempotency_ttl: float
     idempotency_scope: Callable[[], object] | None
+    #: ``TXN_ADMISSION_LIMITS`` when ``TXN_ADMISSION`` is True, else None.
+    admission: Bounds | None
 
 
 def hide_password(value: object) -> str:
@@ -197,6 +203,7 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
         else _check_callable(
             "TXN_IDEMPOTENCY_SCOPE", config["TXN_IDEMPOTENCY_SCOPE"], "lambda: current_user.id"
         ),
+        admission=read_bounds(config["TXN_ADMISSION"], config["TXN_ADMISSION_LIMITS"]),
     )
 
 

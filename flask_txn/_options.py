@@ -25,13 +25,15 @@ from ._config import (
 )
 from ._engine import SQLITE_BEGIN
 from ._errors import ConfigError, NestingError, UsageError
+from ._limiter import check_key
 from ._session import JOINED
 from ._timeouts import BLOCK_TIMEOUT_DIALECTS, check_seconds, set_block_timeouts
 
 #: ``atomic()``'s default for an argument not given: the app's config decides.
 UNSET: Any = object()
-#: Arguments that, given, override a ``TXN_*`` key.
+#: Arguments recorded as given: all but ``contention_key`` override a ``TXN_*`` key.
 OVERRIDES = (
+    "contention_key",
     "isolation",
     "retries",
     "wait_initial",
@@ -53,6 +55,7 @@ class Arguments:
     """
 
     __slots__ = (
+        "contention_key",
         "deadline",
         "deferrable",
         "durable",
@@ -87,6 +90,7 @@ class Arguments:
         self.readonly: bool = unless_unset(check_flag, "readonly", False)
         self.deferrable: bool = unless_unset(check_flag, "deferrable", False)
         self.durable: bool = check_flag("durable", given["durable"])
+        self.contention_key: str | None = unless_unset(check_key, "contention_key")
         self.statement_timeout = _positive_or_none("statement_timeout", given["statement_timeout"])
         self.lock_timeout = _positive_or_none("lock_timeout", given["lock_timeout"])
         self.replica: bool = check_flag("replica", given["replica"])

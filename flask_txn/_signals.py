@@ -37,7 +37,9 @@ transaction_retrying: NamedSignal = _signals.signal("transaction-retrying")
 """Sent after a retriable failure was rolled back, before the backoff sleep.
 
 Payload: ``session``, ``attempt``, ``isolation``, ``endpoint``, ``elapsed``, ``server``,
-``error``, ``sqlstate``, ``delay``, ``final``.
+``error``, ``sqlstate``, ``delay``, ``final``, ``queued`` (seconds the block
+waited for admission so far) and ``limit`` (its contention key's admission
+limit, or None).
 """
 
 

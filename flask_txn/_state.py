@@ -19,6 +19,7 @@ from ._adopt import Adopted
 from ._config import Settings, hide_password
 from ._engine import async_url
 from ._errors import UsageError
+from ._limiter import Limits
 from ._session import AsyncDatabase, current_app_object
 
 #: The key of ``app.extensions`` under which the extension object is registered.
@@ -39,6 +40,12 @@ class AppState:
     adopted: Adopted | None = None
     #: the routes were checked for '@atomic' written above the route decorator.
     routes_checked: bool = False
+    #: the admission limits of contended blocks; None when 'TXN_ADMISSION' is False.
+    limits: Limits | None = dataclasses.field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        bounds = self.settings.admission
+        self.limits = None if bounds is None else Limits(bounds)
 
 
 def app_state(extension: Any = None, app: Any = None, *, user: str = "Working") -> AppState:

@@ -84,6 +84,7 @@ class Attempt:
 
     __slots__ = (
         "_token",
+        "admission",
         "callbacks",
         "committing",
         "database",
@@ -157,6 +158,8 @@ class Attempt:
         self.replayed = False
         #: where :meth:`begin` began it: ``"primary"``, or a standby's URL.
         self.server = _replicas.PRIMARY
+        #: its slot under admission control (``_admission.Admitted``), or None.
+        self.admission: Any = None
 
     @classmethod
     def on_new_async_session(
@@ -314,6 +317,8 @@ class Attempt:
 
     def _report(self, ending: _Ending, exc: BaseException | None) -> bool:
         """Signals and callbacks; True to swallow ``exc`` for a re-run."""
+        if self.admission is not None:
+            self.admission.leave(ending)  # the slot is free before signals and callbacks
         if ending is _COMMITTED:
             self._committed()
             return False
@@ -345,13 +350,17 @@ class Attempt:
         assert delay is not None
         assert policy is not None
         sqlstate = sqlstate_of(error)
+        queued, limit = (0.0, None) if self.admission is None else self.admission.report()
         log.info(
-            "Retrying transaction: attempt %d failed with %s%s; waiting %.3f s.",
+            "Retrying transaction: attempt %d failed with %s%s; waiting %.3f s"
+            " (queued %.3f s for admission; limit %s).",
             self.number,
             # A connection that was lost or never made has no SQLSTATE: name the error.
             f"SQLSTATE {sqlstate}" if sqlstate else type(error).__name__,
             "" if self.server == _replicas.PRIMARY else f" on standby {self.server}",
             delay,
+            queued,
+            limit,
         )
         if _signals.transaction_retrying.receivers:
             _signals.send(
@@ -362,6 +371,8 @@ class Attempt:
                 sqlstate=sqlstate,
                 delay=delay,
                 final=self.number + 1 > policy.retries,
+                queued=queued,
+                limit=limit,
             )
 
     def _committed(self) -> None:

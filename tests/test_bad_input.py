@@ -326,6 +326,22 @@ TABLE = [
         keys=("TXN_IDEMPOTENCY_SCOPE",),
     ),
     Row(
+        "admission-flag",
+        ConfigError,
+        "init_app",
+        arrange=_config(TXN_ADMISSION="on"),
+        says=("'TXN_ADMISSION'", "'on'", "True", "False"),
+        keys=("TXN_ADMISSION",),
+    ),
+    Row(
+        "admission-limits",
+        ConfigError,
+        "init_app",
+        arrange=_config(TXN_ADMISSION_LIMITS=(4, 2)),
+        says=("'TXN_ADMISSION_LIMITS'", "(4, 2)", "1 <= smallest <= largest", "'TXN_ADMISSION'"),
+        keys=("TXN_ADMISSION_LIMITS",),
+    ),
+    Row(
         "connect-timeout-type",
         ConfigError,
         "init_app",
@@ -527,6 +543,13 @@ TABLE = [
         ConfigError,
         "atomic()",
         "test_replicas.py::test_bad_replica_arguments_are_refused",
+    ),
+    Row(
+        "atomic-contention-key",
+        ConfigError,
+        "atomic()",
+        arrange=lambda _: lambda: atomic(contention_key=42),  # type: ignore[call-overload]
+        says=("'contention_key'", "got 42", "a non-empty string", "Leave it out"),
     ),
     Row(
         "atomic-unknown-argument",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import loadgen, results, workload
+from benchmarks import crowd, loadgen, results, workload
 from benchmarks import runs as saved_runs
 from benchmarks.overhead import FSA_ATOMIC
 from benchmarks.results import Comparison, Run
@@ -543,3 +543,62 @@ def test_adopted_flask_sqlalchemy_figures_come_from_the_saved_runs() -> None:
     assert len(folders) == 3
     assert f"put it at {', '.join(f'{r:.3f}' for r in adopted)} of the same app" in page
     assert f"came out at {', '.join(f'{r:.3f}' for r in plain)} of the hand-written" in page
+
+
+@pytest.mark.parametrize(
+    ("folder", "prefix", "hand_tuned", "hand_label"),
+    [
+        ("crowd", "", crowd.HAND_TUNED, "pool of 1 x cores"),
+        ("crowd-http", "over HTTP, ", crowd.HTTP_HAND_TUNED, "pool of 1 per worker"),
+    ],
+)
+def test_crowd_tables_come_from_the_saved_runs(
+    folder: str, prefix: str, hand_tuned: str, hand_label: str
+) -> None:
+    """docs/performance.md's scenario 6 tables hold the medians of the saved runs
+    (committed/s; failed over all rounds; p99)."""
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    rows = crowd.load(ROOT / "docs" / "benchmarks" / folder)
+    labels = {
+        crowd.DEFAULTS: "**flask-txn, default settings**",
+        crowd.ADMISSION_OFF: "the same, `TXN_ADMISSION=False`",
+        hand_tuned: f"hand-tuned: {hand_label}, `retries=9`, admission off",
+        crowd.PGBENCH: "pgbench `--max-tries=10`",
+    }
+    for naccts, title in ((10, "10 accounts"), (2, "2 accounts (one hot spot)")):
+        chosen = [row for row in rows if row.naccts == naccts and crowd.PGBENCH in row.runs]
+        assert [row.clients for row in chosen] == [8, 32, 64, 128]
+        assert f"| {prefix}{title} | 8 clients | 32 clients | 64 clients | 128 clients |" in page
+        for variant, label in labels.items():
+            cells = []
+            for row in chosen:
+                failed = sum(run.failed for run in row.runs[variant])
+                share = failed / (failed + sum(run.committed for run in row.runs[variant]))
+                cells.append(
+                    f"{row.median(variant, 'goodput'):,.0f}; {f'{share:.1%}' if failed else '0%'};"
+                    f" {row.median(variant, 'p99_ms'):,.0f} ms"
+                )
+            line = f"| {label} | {' | '.join(cells)} |"
+            assert line in page, line
+
+
+def test_crowd_target_figures_come_from_the_saved_run() -> None:
+    """The 64-client target in docs/performance.md: the default settings at 64 clients
+    against the hand-tuned pool at 8, on 10 accounts, from docs/benchmarks/crowd-target."""
+    page = " ".join((ROOT / "docs" / "performance.md").read_text(encoding="utf-8").split())
+    rows = crowd.load(ROOT / "docs" / "benchmarks" / "crowd-target")
+    (at_8,) = [row for row in rows if (row.naccts, row.clients) == (10, 8)]
+    (at_64,) = [row for row in rows if (row.naccts, row.clients) == (10, 64)]
+    ours = [run.goodput for run in at_64.runs[crowd.DEFAULTS]]
+    theirs = [run.goodput for run in at_8.runs[crowd.HAND_TUNED]]
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+    figures = (
+        f"committed {at_64.median(crowd.DEFAULTS, 'goodput'):,.0f}/s at 64 clients with none"
+        f" failed and a p99 of {at_64.median(crowd.DEFAULTS, 'p99_ms'):,.0f} ms, against"
+        f" {at_8.median(crowd.HAND_TUNED, 'goodput'):,.0f}/s for the hand-tuned pool at 8"
+        f" clients: {statistics.median(ours) / statistics.median(theirs):.2f} of it (the median"
+        f" of the per-round ratios {statistics.median(ratios):.2f}, from {min(ratios):.2f} to"
+        f" {max(ratios):.2f})"
+    )
+    assert figures in page, figures
+    assert sum(run.failed for run in at_64.runs[crowd.DEFAULTS]) == 0

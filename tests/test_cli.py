@@ -182,6 +182,8 @@ def test_async_url_without_asyncio_support_is_reported(
 #: Database cores on this machine, where the tests' PostgreSQL runs.
 CORES = os.cpu_count() or 1
 SERIALIZABLE = {"TXN_ISOLATION_LEVEL": "SERIALIZABLE", "TXN_RETRY_DEADLINE": 5}
+#: Admission control off: the pool alone bounds the transactions at once.
+UNADMITTED = {"TXN_ADMISSION": False}
 
 
 def _pool(size: int) -> dict[str, Any]:
@@ -218,14 +220,29 @@ CASES = [
     Case(
         "pool-above-cores",
         "postgresql",
-        {**SERIALIZABLE, **_pool(2 * CORES + 1)},
+        {**SERIALIZABLE, **_pool(2 * CORES + 1), **UNADMITTED},
         {"pool-above-cores"},
     ),
-    Case("pool-twice-cores", "postgresql", {**SERIALIZABLE, **_pool(2 * CORES)}, set()),
+    Case(
+        "pool-above-cores-admitted",
+        "postgresql",
+        {**SERIALIZABLE, **_pool(2 * CORES + 1)},
+        set(),
+    ),
+    Case(
+        "pool-twice-cores",
+        "postgresql",
+        {**SERIALIZABLE, **_pool(2 * CORES), **UNADMITTED},
+        set(),
+    ),
     Case(
         "pool-unbounded",
         "postgresql",
-        {**SERIALIZABLE, "TXN_ENGINE_OPTIONS": {"poolclass": sa.pool.NullPool}},
+        {
+            **SERIALIZABLE,
+            "TXN_ENGINE_OPTIONS": {"poolclass": sa.pool.NullPool},
+            **UNADMITTED,
+        },
         {"pool-above-cores"},
     ),
     Case(

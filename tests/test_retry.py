@@ -436,8 +436,10 @@ def test_one_log_line_per_retry_without_password(
         work()
     lines = [r.getMessage() for r in caplog.records if r.name == "flask_txn"]
     assert lines == [
-        "Retrying transaction: attempt 1 failed with SQLSTATE 40P01; waiting 0.050 s.",
-        "Retrying transaction: attempt 2 failed with SQLSTATE 40P01; waiting 0.100 s.",
+        "Retrying transaction: attempt 1 failed with SQLSTATE 40P01; waiting 0.050 s"
+        " (queued 0.000 s for admission; limit 16).",
+        "Retrying transaction: attempt 2 failed with SQLSTATE 40P01; waiting 0.100 s"
+        " (queued 0.000 s for admission; limit 8).",
     ]
     assert "s3cret" not in caplog.text
 
