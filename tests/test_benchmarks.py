@@ -540,7 +540,7 @@ def test_adopted_flask_sqlalchemy_figures_come_from_the_saved_runs() -> None:
         overhead = next(c for c in comparisons if c.key == "overhead")
         adopted.append(overhead.ratio(FSA_ATOMIC, against=FSA_COMMIT))
         plain.append(overhead.ratio("flask-txn `@atomic`"))
-    assert len(folders) == 3
+    assert len(folders) == 4
     assert f"put it at {', '.join(f'{r:.3f}' for r in adopted)} of the same app" in page
     assert f"came out at {', '.join(f'{r:.3f}' for r in plain)} of the hand-written" in page
 
