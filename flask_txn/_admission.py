@@ -59,7 +59,25 @@ class Gate:
         """The context manager that runs ``attempt``: with admission, or the attempt alone."""
         if self.limits is None or current() is not None:
             return attempt  # off, or inside another block, which holds the slot
-        return Admitted(self, attempt)
+        limit = self.limits.get(self.key)
+        if limit is None:
+            # Never conflicted: no slot to take, so nothing to wait for or give back.
+            # The gate only hears how the attempt ended, to make a limit on a conflict.
+            attempt.admission = self
+            return attempt
+        return Admitted(self, attempt, limit)
+
+    def report(self) -> tuple[float, int | None]:
+        """What the retry signal and log say: seconds queued, and the key's limit (or None)."""
+        assert self.limits is not None
+        limit = self.limits.get(self.key)
+        return self.queued, None if limit is None else limit.slots
+
+    def leave(self, ending: Any) -> None:
+        """An attempt admitted without a slot ended (``ending``, a ``_transaction._Ending``)."""
+        if _outcome(ending) == "conflict":
+            assert self.limits is not None
+            self.limits.conflicted(self.key)
 
 
 class Admitted:
@@ -67,19 +85,17 @@ class Admitted:
 
     __slots__ = ("_done", "_held", "_limit", "attempt", "gate")
 
-    def __init__(self, gate: Gate, attempt: Attempt) -> None:
+    def __init__(self, gate: Gate, attempt: Attempt, limit: Limit) -> None:
         self.gate = gate
         self.attempt = attempt
         attempt.admission = self
-        self._limit: Limit | None = None
+        self._limit = limit
         self._held = False
         self._done = False
 
     def report(self) -> tuple[float, int | None]:
-        """What the retry signal and log say: seconds queued, and the key's limit (or None)."""
-        assert self.gate.limits is not None
-        limit = self.gate.limits.get(self.gate.key)
-        return self.gate.queued, None if limit is None else limit.slots
+        """What the retry signal and log say (:meth:`Gate.report`)."""
+        return self.gate.report()
 
     def leave(self, ending: Any) -> None:
         """The attempt committed or rolled back (``ending``, a ``_transaction._Ending``)."""
@@ -88,13 +104,9 @@ class Admitted:
     # -- waiting -------------------------------------------------------------
 
     def _ask(self, loop: asyncio.AbstractEventLoop | None) -> Waiter | None:
-        """Take a slot if the key has no limit or a free slot; else the queued waiter."""
-        assert self.gate.limits is not None
-        limit = self._limit = self.gate.limits.get(self.gate.key)
-        if limit is None:
-            return None
+        """Take a slot if the key's limit has one free; else the queued waiter."""
         waiter = Waiter(retry=self.attempt.number > 1, loop=loop)
-        if limit.enter(waiter):
+        if self._limit.enter(waiter):
             self._held = True
             return None
         return waiter
@@ -110,7 +122,6 @@ class Admitted:
 
     def _settle(self, waiter: Waiter, began: float, error: BaseException | None) -> None:
         """After the wait: hold the slot if granted; give it back if the wait raised."""
-        assert self._limit is not None
         self._held = self._limit.give_up(waiter)
         self.gate.queued += time.perf_counter() - began
         if error is not None:
@@ -121,13 +132,8 @@ class Admitted:
         if self._done:
             return
         self._done = True
-        limit, held = self._limit, self._held
-        self._held = False
-        if limit is not None:
-            limit.leave(outcome, held=held)
-        elif outcome == "conflict":
-            assert self.gate.limits is not None
-            self.gate.limits.conflicted(self.gate.key)
+        held, self._held = self._held, False
+        self._limit.leave(outcome, held=held)
 
     # -- sync ----------------------------------------------------------------
 

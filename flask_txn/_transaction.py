@@ -158,7 +158,8 @@ class Attempt:
         self.replayed = False
         #: where :meth:`begin` began it: ``"primary"``, or a standby's URL.
         self.server = _replicas.PRIMARY
-        #: its slot under admission control (``_admission.Admitted``), or None.
+        #: its admission (``_admission.Admitted``, or the ``Gate`` of a key that never
+        #: conflicted, which only hears how it ended), or None.
         self.admission: Any = None
 
     @classmethod
