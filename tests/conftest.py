@@ -6,6 +6,7 @@ URL makes the suite use that server instead of starting one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -137,6 +138,25 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 
 AppFactory = Callable[..., tuple[Flask, FlaskTxn]]
+
+
+@contextlib.contextmanager
+def new_database(url: str, name: str) -> Iterator[sa.URL]:
+    """A new, empty database ``name`` on the server of ``url`` (PostgreSQL or MariaDB),
+    dropped afterwards, however the block ends (on PostgreSQL, open connections too)."""
+    server = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    force = " WITH (FORCE)" if server.dialect.name == "postgresql" else ""
+    try:
+        with server.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+            connection.exec_driver_sql(f"CREATE DATABASE {name}")
+        try:
+            yield sa.make_url(url).set(database=name)
+        finally:
+            with server.connect() as connection:
+                connection.exec_driver_sql(f"DROP DATABASE {name}{force}")
+    finally:
+        server.dispose()
 
 
 @pytest.fixture

@@ -36,6 +36,8 @@ from flask_txn import (
 )
 from flask_txn.testing import Faults, SignalRecorder, txn_faults, txn_signals
 
+from .conftest import new_database
+
 __all__ = ["txn_faults", "txn_signals"]  # the plugin's fixtures, used here
 
 
@@ -464,16 +466,8 @@ def test_without_db_another_database_is_allowed(sqlite_url: str, tmp_path: Path)
 
 def _new_database(postgresql_url: str) -> Iterator[str]:
     """A new database on the test server, dropped afterwards."""
-    name = f"fsa_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(postgresql_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"CREATE DATABASE {name}")
-        yield sa.make_url(postgresql_url).set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
-    finally:
-        admin.dispose()
+    with new_database(postgresql_url, f"fsa_{uuid.uuid4().hex[:12]}") as url:
+        yield url.render_as_string(hide_password=False)
 
 
 @pytest.fixture

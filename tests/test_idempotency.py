@@ -30,7 +30,7 @@ from flask_txn import (
     transaction_committed,
 )
 
-from .conftest import Attempts, Item, every_engine
+from .conftest import Attempts, Item, every_engine, new_database
 from .test_async import async_app  # noqa: F401 (a fixture)
 
 pytestmark = every_engine
@@ -373,16 +373,8 @@ def empty_database(database_url: str) -> Iterator[str]:
     if not database_url.startswith("postgresql"):
         yield database_url
         return
-    server = sa.create_engine(database_url, isolation_level="AUTOCOMMIT")
-    with server.connect() as connection:
-        connection.exec_driver_sql("DROP DATABASE IF EXISTS flask_txn_alembic")
-        connection.exec_driver_sql("CREATE DATABASE flask_txn_alembic")
-    try:
-        yield sa.make_url(database_url).set(database="flask_txn_alembic").render_as_string(False)
-    finally:
-        with server.connect() as connection:
-            connection.exec_driver_sql("DROP DATABASE flask_txn_alembic WITH (FORCE)")
-        server.dispose()
+    with new_database(database_url, "flask_txn_alembic") as url:
+        yield url.render_as_string(False)
 
 
 def test_the_alembic_recipe_creates_the_table(tmp_path: Path, empty_database: str) -> None:

@@ -27,7 +27,7 @@ from flask_txn import (
     transaction_retrying,
 )
 
-from .conftest import Attempts, Item
+from .conftest import Attempts, Item, new_database
 from .test_conflicts import (  # noqa: F401 (bank: a fixture)
     TIMEOUT,
     bank,
@@ -353,16 +353,8 @@ def test_statement_timeout_on_mysql_is_refused(make_app: Any, monkeypatch: Any) 
 def bank_database(database_url: str) -> Iterator[sa.URL]:
     """A database of its own on the suite's MariaDB, for the bank's load run: no other
     test's accounts, ledger or idempotency keys."""
-    server = sa.create_engine(database_url)
-    with server.connect() as connection:
-        connection.exec_driver_sql("DROP DATABASE IF EXISTS flask_txn_bank")
-        connection.exec_driver_sql("CREATE DATABASE flask_txn_bank")
-    try:
-        yield sa.make_url(database_url).set(database="flask_txn_bank")
-    finally:
-        with server.connect() as connection:
-            connection.exec_driver_sql("DROP DATABASE flask_txn_bank")
-        server.dispose()
+    with new_database(database_url, "flask_txn_bank") as url:
+        yield url
 
 
 @pytest.mark.parametrize("endpoint", ["/transfers", "/transfers/locked"])

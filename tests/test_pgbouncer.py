@@ -20,7 +20,7 @@ from flask import Flask
 from flask_txn import FlaskTxn, atomic, sqlstate_of
 
 from . import pgbouncer
-from .conftest import Attempts, Item
+from .conftest import Attempts, Item, new_database
 from .test_conflicts import TIMEOUT, deadlock, retries_of, run_concurrently, values
 from .test_example_bank import assert_load_reconciles
 
@@ -267,16 +267,8 @@ def test_psycopg3_prepares_nothing_unless_asked(postgresql_url: str) -> None:
 def bank_database(postgresql_url: str) -> Iterator[sa.URL]:
     """A database of its own on the tests' server, for the bank's load run: no other
     test's accounts, ledger or idempotency keys."""
-    server = sa.create_engine(postgresql_url, isolation_level="AUTOCOMMIT")
-    with server.connect() as connection:
-        connection.exec_driver_sql("DROP DATABASE IF EXISTS flask_txn_bank_pgbouncer")
-        connection.exec_driver_sql("CREATE DATABASE flask_txn_bank_pgbouncer")
-    try:
-        yield sa.make_url(postgresql_url).set(database="flask_txn_bank_pgbouncer")
-    finally:
-        with server.connect() as connection:
-            connection.exec_driver_sql("DROP DATABASE flask_txn_bank_pgbouncer WITH (FORCE)")
-        server.dispose()
+    with new_database(postgresql_url, "flask_txn_bank_pgbouncer") as url:
+        yield url
 
 
 @pytest.mark.parametrize("endpoint", ["/transfers", "/transfers/locked"])
