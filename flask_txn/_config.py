@@ -170,7 +170,7 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
         ),
         session_options=_check_session_options(config["TXN_SESSION_OPTIONS"]),
         scope=_check_scope(config["TXN_SESSION_SCOPE"]),
-        on_discard=_check_choice("TXN_ON_DISCARD", config["TXN_ON_DISCARD"], DISCARD_POLICIES),
+        on_discard=check_choice("TXN_ON_DISCARD", config["TXN_ON_DISCARD"], DISCARD_POLICIES),
         isolation=check_isolation("TXN_ISOLATION_LEVEL", config["TXN_ISOLATION_LEVEL"]),
         retry=RetryPolicy(
             retries=check_retries("TXN_RETRIES", config["TXN_RETRIES"]),
@@ -182,7 +182,7 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
         rollback_on_status=_check_status_veto(config["TXN_ROLLBACK_ON_STATUS"]),
         sleep=_check_callable("TXN_RETRY_SLEEP", config["TXN_RETRY_SLEEP"], "time.sleep"),
         random=_check_callable("TXN_RETRY_RANDOM", config["TXN_RETRY_RANDOM"], "random.random"),
-        sqlite_begin=_check_choice(
+        sqlite_begin=check_choice(
             "TXN_SQLITE_BEGIN", _upper(config["TXN_SQLITE_BEGIN"]), SQLITE_BEGIN_MODES
         ),
         async_url=None
@@ -191,7 +191,7 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
         async_engine_options=_check_mapping(
             "TXN_ASYNC_ENGINE_OPTIONS", config["TXN_ASYNC_ENGINE_OPTIONS"], "{'echo': True}"
         ),
-        nplusone=_check_choice("TXN_NPLUSONE", config["TXN_NPLUSONE"], NPLUSONE_MODES),
+        nplusone=check_choice("TXN_NPLUSONE", config["TXN_NPLUSONE"], NPLUSONE_MODES),
         nplusone_threshold=_check_threshold(config["TXN_NPLUSONE_THRESHOLD"]),
         error_handlers=check_flag("TXN_ERROR_HANDLERS", config["TXN_ERROR_HANDLERS"]),
         idempotency_header=_check_header(config["TXN_IDEMPOTENCY_HEADER"]),
@@ -366,7 +366,8 @@ def _check_scope(value: object) -> Scope:
     )
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> Any:
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> Any:
+    """``value``, if it is one of ``choices``; else a ``ConfigError`` naming ``name``."""
     if value not in choices:
         allowed = ", ".join(repr(choice) for choice in choices)
         raise ConfigError(f"{name!r} must be one of {allowed}, got {value!r}.")

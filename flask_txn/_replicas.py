@@ -33,7 +33,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from ._config import Settings, check_url, hide_password
+from ._config import Settings, check_choice, check_url, hide_password
 from ._engine import async_url, make_engine
 from ._errors import AmbiguousCommitError, ConfigError
 from ._options import Options
@@ -113,12 +113,9 @@ def read_replica_settings(config: Mapping[str, Any], settings: Settings) -> Repl
                     " PostgreSQL streaming replication: the primary and each standby must"
                     " be 'postgresql' URLs. Remove 'TXN_REPLICA_URIS' for this database."
                 )
-    choice = config["TXN_REPLICA_READ_YOUR_WRITES"]
-    if choice not in READ_YOUR_WRITES:
-        raise ConfigError(
-            f"'TXN_REPLICA_READ_YOUR_WRITES' must be one of"
-            f" {', '.join(repr(c) for c in READ_YOUR_WRITES)}, got {choice!r}."
-        )
+    choice = check_choice(
+        "TXN_REPLICA_READ_YOUR_WRITES", config["TXN_REPLICA_READ_YOUR_WRITES"], READ_YOUR_WRITES
+    )
     if choice == "session" and not config.get("SECRET_KEY"):
         raise ConfigError(
             "'TXN_REPLICA_READ_YOUR_WRITES' is 'session', which keeps the position of"
