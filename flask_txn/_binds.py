@@ -4,7 +4,8 @@ options applied on each as the block first uses it, and its errors recorded.
 The default bind gets the block's options before any statement
 (``_options.apply``). Another bind is connected only when a statement needs it,
 inside the block, so its options are sent as SQL at that moment, before its
-first statement: ``SET TRANSACTION`` and ``SET LOCAL``.
+first statement: ``SET TRANSACTION``, and the block's timeouts as
+``_timeouts.set_block_timeouts`` sets them on the default bind.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from ._listeners import record_on
 from ._options import Options
 from ._session import JOINED
-from ._timeouts import milliseconds
+from ._timeouts import set_block_timeouts
 from ._transaction import current, current_on
 
 
@@ -38,14 +39,20 @@ def apply_on_other_bind(
     attempt = current_on(session)
     if attempt is None or transaction is not attempt.root or connection.engine is attempt.engine:
         return
-    if attempt.options.plain or session.info.get(JOINED):
+    options = attempt.options
+    if options.plain or session.info.get(JOINED):
         return
-    for statement in statements(attempt.options, connection.dialect.name):
-        connection.exec_driver_sql(statement)
+    characteristics = _characteristics(options, connection.dialect.name)
+    if characteristics:
+        # Validated keywords only: never user text.
+        connection.exec_driver_sql(f"SET TRANSACTION {', '.join(characteristics)}")
+    if options.statement_timeout is not None or options.lock_timeout is not None:
+        set_block_timeouts(connection, options.statement_timeout, options.lock_timeout)
 
 
-def statements(options: Options, dialect: str) -> list[str]:
-    """What sets ``options`` on a transaction that has run no statement yet."""
+def _characteristics(options: Options, dialect: str) -> list[str]:
+    """The ``SET TRANSACTION`` characteristics of ``options``, for a transaction that
+    has run no statement yet."""
     if dialect == "sqlite":
         # SQLite's transactions are serializable; the BEGIN mode was chosen already.
         return []
@@ -56,15 +63,7 @@ def statements(options: Options, dialect: str) -> list[str]:
         characteristics.append("READ ONLY")
     if options.deferrable:
         characteristics.append("DEFERRABLE")
-    # Validated keywords and integers only: never user text.
-    sql = [f"SET TRANSACTION {', '.join(characteristics)}"] if characteristics else []
-    for setting, seconds in (
-        ("statement_timeout", options.statement_timeout),
-        ("lock_timeout", options.lock_timeout),
-    ):
-        if seconds is not None:
-            sql.append(f"SET LOCAL {setting} = {milliseconds(seconds)}")
-    return sql
+    return characteristics
 
 
 def _record_bind_error(default: Engine, context: ExceptionContext) -> None:

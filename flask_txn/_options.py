@@ -306,4 +306,4 @@ def apply(session: Session, options: Options) -> None:
             )
         session.connection(execution_options=execution_options)
     if options.statement_timeout is not None or options.lock_timeout is not None:
-        set_block_timeouts(session, options.statement_timeout, options.lock_timeout)
+        set_block_timeouts(session.connection(), options.statement_timeout, options.lock_timeout)

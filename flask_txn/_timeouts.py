@@ -30,7 +30,6 @@ from typing import Any
 
 from sqlalchemy import Connection, event, pool
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolResetState
 
 from ._errors import ConfigError
@@ -275,9 +274,9 @@ def set_per_transaction(engine: Engine, seconds: float | None) -> None:
     event.listen(engine, "begin", begin)
 
 
-def set_block_timeouts(session: Session, statement: float | None, lock: float | None) -> None:
-    """Apply an outermost block's ``statement_timeout`` and ``lock_timeout`` (seconds) to
-    its transaction, as its first statements.
+def set_block_timeouts(connection: Connection, statement: float | None, lock: float | None) -> None:
+    """Apply a block's ``statement_timeout`` and ``lock_timeout`` (seconds) to the
+    transaction ``connection`` began, as its first statements.
 
     PostgreSQL: ``SET LOCAL``, which ends with the transaction. MySQL and MariaDB
     have no ``SET LOCAL``: ``SET SESSION innodb_lock_wait_timeout`` (whole seconds,
@@ -287,7 +286,6 @@ def set_block_timeouts(session: Session, statement: float | None, lock: float | 
     :raises ConfigError: ``statement_timeout`` on MySQL, whose ``max_execution_time``
         bounds only ``SELECT`` statements.
     """
-    connection = session.connection()
     if connection.dialect.name == "postgresql":
         for setting, seconds in (("statement_timeout", statement), ("lock_timeout", lock)):
             if seconds is not None:
