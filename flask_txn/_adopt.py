@@ -25,7 +25,7 @@ from sqlalchemy.util import ScopedRegistry
 
 from ._config import DEFAULTS, Settings, hide_password
 from ._engine import instrument
-from ._errors import ConfigError, PartialCommitError, TransactionAbortedError, UsageError
+from ._errors import ConfigError, PartialCommitError, UsageError
 from ._session import claim, in_failed_transaction, track_writes
 
 log = logging.getLogger("flask_txn")
@@ -211,13 +211,6 @@ def commit_binds(session: Session) -> None:
     key: str | None = None
     try:
         for key, connection in sorted(binds, key=lambda bind: bind[0] is None):
-            if in_failed_transaction(connection):
-                raise TransactionAbortedError(
-                    f"A database error aborted this transaction on {_bind_name(key)}, but"
-                    " the function caught it and returned normally, so nothing was"
-                    " committed. Let the error propagate, or wrap the failing statement in"
-                    " a nested 'atomic' block (a savepoint)."
-                )
             # COMMIT as a statement, in this order: SQLAlchemy would commit the binds
             # in no set order. Its own COMMIT of each, below, finds nothing left to do.
             connection.exec_driver_sql("COMMIT")
@@ -225,16 +218,16 @@ def commit_binds(session: Session) -> None:
     except Exception as exc:
         if not committed:
             raise
-        names = ", ".join(_bind_name(key) for key in committed)
+        names = ", ".join(bind_name(key) for key in committed)
         log.error(
             "Partial commit: %s committed, then COMMIT on %s failed (%s).",
             names,
-            _bind_name(key),
+            bind_name(key),
             type(exc).__name__,
         )
         raise PartialCommitError(
             f"The block's work is partly saved: {names} committed, then COMMIT on"
-            f" {_bind_name(key)} failed ({type(exc).__name__}: {exc}). Binds commit one"
+            f" {bind_name(key)} failed ({type(exc).__name__}: {exc}). Binds commit one"
             " after the other, never atomically across databases, so this is not retried."
             " Make the work on the other binds idempotent, or keep a block's writes on"
             " one bind.",
@@ -244,7 +237,17 @@ def commit_binds(session: Session) -> None:
     session.commit()
 
 
-def _bind_name(key: str | None) -> str:
+def failed_bind(session: Session) -> str | None:
+    """The key of a bind other than the default whose transaction an error aborted
+    (as its driver reports it), or None if there is none."""
+    binds: list[tuple[str | None, Connection]] = session.info.get(BINDS, [])
+    for key, connection in binds:
+        if key is not None and in_failed_transaction(connection):
+            return key
+    return None
+
+
+def bind_name(key: str | None) -> str:
     return "the default bind" if key is None else f"bind {key!r}"
 
 
@@ -274,7 +277,7 @@ def refuse_second_session(app: Flask, config: Mapping[str, Any]) -> None:
         if _same_database(url, engine.url, app.instance_path):
             raise ConfigError(
                 f"'TXN_DATABASE_URI' {hide_password(url)!r} is the database of"
-                f" Flask-SQLAlchemy's {_bind_name(key)} on app {app.name!r}: a second"
+                f" Flask-SQLAlchemy's {bind_name(key)} on app {app.name!r}: a second"
                 " session on it would wait on the first one's row locks (a request"
                 f" that updates a row through both hangs).{fix}"
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 from sqlalchemy.util import ScopedRegistry
 
-from ._adopt import commit_binds
+from ._adopt import bind_name, commit_binds, failed_bind
 from ._errors import (
     AmbiguousCommitError,
     PartialCommitError,
@@ -53,10 +53,11 @@ def obstacle(
         return exc
     # PostgreSQL turns COMMIT of an aborted transaction into a silent ROLLBACK,
     # and a flush there fails with 25P02, which would hide the error that aborted it.
-    if last_error is not None and aborted(session):
+    place = None if last_error is None else _aborted_at(session)
+    if place is not None:
         error = TransactionAbortedError(
-            "A database error aborted this transaction, but the function caught it and"
-            " returned normally, so nothing was committed. Let the error propagate, or"
+            f"A database error aborted this transaction{place}, but the function caught it"
+            " and returned normally, so nothing was committed. Let the error propagate, or"
             " wrap the failing statement in a nested 'atomic' block (a savepoint)."
         )
         error.__cause__ = last_error
@@ -75,6 +76,15 @@ def obstacle(
         error.__cause__ = cause
         return error
     return None
+
+
+def _aborted_at(session: Session) -> str | None:
+    """Where an error aborted the session's transaction: ``""`` on its own (default)
+    bind, ``" on bind 'key'"`` on another Flask-SQLAlchemy bind; None if nowhere."""
+    if aborted(session):
+        return ""
+    key = failed_bind(session)
+    return None if key is None else f" on {bind_name(key)}"
 
 
 def commit(session: Session) -> BaseException | None:

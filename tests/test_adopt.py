@@ -542,6 +542,28 @@ def test_a_swallowed_error_on_another_bind_commits_nothing(
     assert (_count(app, Audit), _count(app, Note)) == (0, 0)
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_an_error_on_another_bind_is_found_after_the_default_bind(
+    make_fsa_app: MakeApp, second_database: str
+) -> None:
+    """The default bind used first and healthy, a caught error on the second: nothing commits."""
+    app, _ = make_fsa_app(binds={"audit": second_database})
+
+    @atomic
+    def swallow() -> None:
+        db.session.add(Note(text="n"))
+        db.session.flush()
+        db.session.add(Audit(text="a"))
+        db.session.flush()
+        connection = db.session.connection(bind_arguments={"bind": db.engines["audit"]})
+        with contextlib.suppress(sa.exc.DBAPIError):
+            connection.exec_driver_sql("SELECT 1/0")
+
+    with app.app_context(), pytest.raises(TransactionAbortedError, match="on bind 'audit'"):
+        swallow()
+    assert (_count(app, Audit), _count(app, Note)) == (0, 0)
+
+
 def _deferred_unique(app: Flask, table: str, bind: str | None) -> None:
     """Make ``table``'s text unique, checked only at COMMIT."""
     with app.app_context(), db.engines[bind].begin() as connection:
