@@ -11,7 +11,9 @@ bytes both ways, from an asyncio loop in a thread of its own. On request it
 
 Each fault reports how many connections it hit, and how many of those were in
 a transaction or waiting for a reply (read from PostgreSQL's ReadyForQuery
-message at the end of the last reply, and from which side spoke last).
+message at the end of the last reply, and from which side spoke last). A reset
+may wait for a connection inside an open, healthy transaction, so that it is
+sure to cut one mid-transaction.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ TIMEOUT = 10
 _READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
 #: Its status bytes for "in a transaction block" and "in a failed transaction".
 _IN_TRANSACTION = frozenset(b"TE")
+_IN_BLOCK = ord("T")
 
 T = TypeVar("T")
 
@@ -81,6 +84,8 @@ class FaultProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy")
         self._server: asyncio.Server | None = None
+        #: set when a reply leaves a connection inside an open, healthy transaction
+        self._began = asyncio.Event()
 
     # -- control, from any thread ----------------------------------------------------
 
@@ -102,9 +107,13 @@ class FaultProxy:
         if not self._thread.is_alive():
             self._loop.close()
 
-    def reset(self) -> Hit:
-        """Reset every live connection; return what it hit."""
-        return self._call(self._reset())
+    def reset(self, *, in_transaction: bool = False) -> Hit:
+        """Reset every live connection; return what it hit.
+
+        :param in_transaction: first wait (up to the control timeout) until a
+            connection is inside an open transaction that no error aborted.
+        """
+        return self._call(self._reset(in_transaction))
 
     def stall(self) -> Hit:
         """Stop every live connection's traffic until :meth:`resume`; return what it hit."""
@@ -119,7 +128,12 @@ class FaultProxy:
 
     # -- in the loop -------------------------------------------------------------------
 
-    async def _reset(self) -> Hit:
+    async def _reset(self, in_transaction: bool) -> Hit:
+        # No await between the check and the resets: that connection is still
+        # inside its transaction when it is cut.
+        while in_transaction and not any(pair.status == _IN_BLOCK for pair in self._pairs):
+            self._began.clear()
+            await self._began.wait()
         pairs = list(self._pairs)
         for pair in pairs:
             pair.abort()
@@ -178,6 +192,8 @@ class FaultProxy:
                 pair.awaiting_reply = from_client
                 if not from_client and data[-6:-1] == _READY_FOR_QUERY:
                     pair.status = data[-1]
+                    if pair.status == _IN_BLOCK:
+                        self._began.set()
                 writer.write(data)
                 await writer.drain()
             await pair.flowing.wait()

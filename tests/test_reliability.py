@@ -800,7 +800,8 @@ def proxied(database_url: str) -> Iterator[tuple[tcpproxy.FaultProxy, str]]:
 
 @pytest.mark.parametrize("isolation", endpoints_for("serializable"))
 def test_connections_reset_by_the_network(database_url: str, isolation: str) -> None:
-    """A proxy resets every live database connection a few times: the books still balance."""
+    """A proxy resets every live database connection a few times, each time once a
+    transaction is open, so that attempts lose their connection: the books still balance."""
     run = Run(
         "connections reset",
         "threaded",
@@ -814,7 +815,7 @@ def test_connections_reset_by_the_network(database_url: str, isolation: str) -> 
             for part in range(1, RESETS + 1):
                 if not load.when_finished(TRANSFERS * part // (RESETS + 1)).wait(seconds_allowed()):
                     return
-                hits.append(proxy.reset())
+                hits.append(proxy.reset(in_transaction=True))
 
         after = execute_threaded(run, url, database_url, reset, app_config())
     run.faults = {
